@@ -1,0 +1,20 @@
+"""Test policy (after trio-websocket's):
+
+- Everything that talks over a socket uses 127.0.0.1 and port 0, never a fixed port.
+- Every test that does I/O is bounded by a generous ``trio.fail_after`` against hangs;
+  time is never asserted tightly (speed is measured in ``benchmarks/``, not here).
+- Time-dependent tests of the core run on ``autojump_clock`` and touch no sockets.
+- Warnings are errors (pyproject), so an unclosed stream or generator fails the test.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+# Bound for one test's I/O; generous on purpose (a 2-core CI machine may be busy).
+IO_BOUND = 30.0
+
+
+@pytest.fixture
+def io_bound() -> float:
+    return IO_BOUND
