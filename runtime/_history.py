@@ -19,7 +19,6 @@ Role = Literal["user", "assistant", "tool"]
 @attrs.frozen
 class TextBlock:
     text: str
-    type: Literal["text"] = "text"
 
 
 @attrs.frozen
@@ -29,7 +28,6 @@ class ThinkingBlock:
 
     text: str
     signature: str | None = None
-    type: Literal["thinking"] = "thinking"
 
 
 @attrs.frozen
@@ -37,7 +35,6 @@ class ToolUseBlock:
     id: str
     name: str
     arguments: Mapping[str, Any]
-    type: Literal["tool_use"] = "tool_use"
 
 
 @attrs.frozen
@@ -45,7 +42,6 @@ class ToolResultBlock:
     tool_call_id: str
     content: str
     is_error: bool = False
-    type: Literal["tool_result"] = "tool_result"
 
 
 Block = TextBlock | ThinkingBlock | ToolUseBlock | ToolResultBlock
@@ -100,7 +96,7 @@ def validate_history(messages: Sequence[Message]) -> None:
         if message.role == "assistant":
             if previous == "assistant":
                 raise InvalidHistory(f"{where}: two assistant messages in a row.")
-            if not any(_has_content(b) for b in message.content):
+            if not any(has_content(b) for b in message.content):
                 raise InvalidHistory(f"{where}: the assistant message is empty.")
             if any(isinstance(b, ToolResultBlock) for b in message.content):
                 raise InvalidHistory(f"{where}: an assistant message holds a tool result.")
@@ -122,7 +118,7 @@ def validate_history(messages: Sequence[Message]) -> None:
                 )
             open_calls = None
         elif message.role == "user":
-            if not message.content or not any(_has_content(b) for b in message.content):
+            if not message.content or not any(has_content(b) for b in message.content):
                 raise InvalidHistory(f"{where}: the user message is empty.")
             if any(not isinstance(b, TextBlock) for b in message.content):
                 raise InvalidHistory(f"{where}: a user message holds something but text.")
@@ -131,7 +127,8 @@ def validate_history(messages: Sequence[Message]) -> None:
         raise InvalidHistory(f"tool calls {sorted(open_calls)} have no result at the end.")
 
 
-def _has_content(block: Block) -> bool:
+def has_content(block: Block) -> bool:
+    """Whether a block says anything: blank text or thinking does not."""
     if isinstance(block, TextBlock | ThinkingBlock):
         return bool(block.text.strip())
     return True

@@ -21,8 +21,14 @@ import attrs
 from ._history import Message
 
 ErrorKind = Literal[
-    "refusal", "timeout", "rate_limit", "overloaded", "context_length", "bad_response",
-    "unavailable", "unknown",
+    "refusal",
+    "timeout",
+    "rate_limit",
+    "overloaded",
+    "context_length",
+    "bad_response",
+    "unavailable",
+    "unknown",
 ]
 
 
@@ -98,8 +104,7 @@ class TurnEnd:
 
 
 ModelEvent = (
-    TextChunk | ThinkingChunk | ToolCallBegin | ToolCallArgs | ToolCallEnd | UsageReport
-    | TurnEnd
+    TextChunk | ThinkingChunk | ToolCallBegin | ToolCallArgs | ToolCallEnd | UsageReport | TurnEnd
 )
 
 

@@ -1,0 +1,41 @@
+"""Errors the runtime raises to its callers. Each message is a full sentence naming what
+was wrong, fit to show a client as it is."""
+
+from __future__ import annotations
+
+
+class AgentRuntimeError(Exception):
+    """Base of the runtime's own errors."""
+
+
+class InvalidRequest(AgentRuntimeError, ValueError):
+    """The caller asked for something malformed: an empty message, an unknown policy."""
+
+
+class RunExists(InvalidRequest):
+    """A run with this id is live or already recorded: ids are idempotency keys."""
+
+    def __init__(self, run_id: str, *, live: bool):
+        state = "is still running" if live else "has already run"
+        super().__init__(f"The run {run_id!r} {state}; choose a new run id to start another.")
+        self.run_id = run_id
+        self.live = live
+
+
+class RunSessionMismatch(InvalidRequest):
+    def __init__(self, run_id: str, session_key: str):
+        super().__init__(
+            f"runId does not match sessionKey: run {run_id!r} is not in {session_key!r}."
+        )
+
+
+class SessionBusy(AgentRuntimeError):
+    """The session rejects new messages while a run is live (concurrency policy
+    ``reject``)."""
+
+    def __init__(self, session_key: str, live_run_id: str):
+        super().__init__(
+            f"The session {session_key!r} is busy with run {live_run_id!r} and its policy "
+            "rejects new messages until it ends; stop it or wait."
+        )
+        self.live_run_id = live_run_id

@@ -1,0 +1,213 @@
+"""A run's progress, recorded synchronously as model events arrive.
+
+``RunState`` is plain data: the agent loop updates it with no awaits (so a cancel never
+lands half-way through an update), the checkpoint task serialises it, and ``close``
+turns it into the history items a stop commits. Crash recovery deserialises a checkpoint
+and calls the same ``close``, so a run stopped by ``chat.abort`` and a run stopped by a
+dead process leave history in the same valid shape.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+
+from ._events import ToolReceipt, Usage
+from ._history import (
+    Block,
+    Message,
+    TextBlock,
+    ThinkingBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    has_content,
+)
+from ._model import (
+    ModelEvent,
+    TextChunk,
+    ThinkingChunk,
+    ToolCallArgs,
+    ToolCallBegin,
+    ToolCallEnd,
+    TurnEnd,
+    UsageReport,
+)
+
+CallState = Literal["streaming", "ready", "running", "done"]
+
+CANCELLED_RESULT = (
+    "Not completed: the run was stopped while this tool was running, so its side effects "
+    "are unknown."
+)
+NOT_STARTED_RESULT = "Not run: the run was stopped before this tool started."
+BUDGET_RESULT = "Not run: the run's tool-call budget is exhausted."
+
+# A rough count for runs whose provider never reported output tokens.
+_CHARS_PER_TOKEN = 4
+
+
+@attrs.define
+class PendingCall:
+    """A tool call of the current turn, from its first argument byte to its result."""
+
+    id: str
+    name: str
+    arguments_json: str = ""
+    arguments: Mapping[str, Any] | None = None
+    state: CallState = "streaming"
+    result: str | None = None
+    is_error: bool = False
+
+
+@attrs.define
+class RunState:
+    run_id: str
+    # Messages this run completed (after its prompt): assistant turns and tool results.
+    items: list[Message] = attrs.Factory(list)
+    text: str = ""
+    thinking: str = ""
+    thinking_signature: str | None = None
+    calls: list[PendingCall] = attrs.Factory(list)
+    turn_stop_reason: str | None = None
+    receipts: list[ToolReceipt] = attrs.Factory(list)
+    # usage: totals of finished turns, and what the current turn reported so far
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    turn_input: int | None = None
+    turn_output: int | None = None
+    turn_chars: int = 0
+    estimated: bool = False
+    version: int = 0  # bumped on every change, so the checkpoint task skips idle ticks
+    turns: int = 0
+    tool_calls: int = 0
+
+    def apply(self, event: ModelEvent) -> None:
+        """Record one model event. Synchronous on purpose: see the module docstring."""
+        self.version += 1
+        match event:
+            case TextChunk(text):
+                self.text += text
+                self.turn_chars += len(text)
+            case ThinkingChunk(text, signature):
+                self.thinking += text
+                self.turn_chars += len(text)
+                if signature is not None:
+                    self.thinking_signature = signature
+            case ToolCallBegin(call_id, name):
+                self.calls.append(PendingCall(call_id, name))
+            case ToolCallArgs(call_id, fragment):
+                self._call(call_id).arguments_json += fragment
+                self.turn_chars += len(fragment)
+            case ToolCallEnd(call_id, arguments):
+                call = self._call(call_id)
+                call.arguments = dict(arguments)
+                call.state = "ready"
+            case UsageReport(input_tokens, output_tokens):
+                if input_tokens is not None:
+                    self.turn_input = input_tokens
+                if output_tokens is not None:
+                    self.turn_output = output_tokens
+            case TurnEnd(stop_reason):
+                self.turn_stop_reason = stop_reason
+
+    def end_turn(self) -> list[PendingCall]:
+        """The model ended its turn: keep its message, return the calls to run."""
+        message = self._turn_message(meta={})
+        if message is not None:
+            self.items.append(message)
+        self._settle_usage()
+        self.turns += 1
+        self.text, self.thinking, self.thinking_signature = "", "", None
+        self.calls = [c for c in self.calls if c.state == "ready"]
+        return list(self.calls)
+
+    def end_tool_round(self) -> None:
+        """Every call of the turn has a result: add the tool message."""
+        self.version += 1
+        self.items.append(self._tool_message(self.calls))
+        self.receipts.extend(self._receipt(c) for c in self.calls)
+        self.calls = []
+
+    def close(self, meta: Mapping[str, Any]) -> tuple[list[Message], tuple[ToolReceipt, ...]]:
+        """Everything the run produced, as valid history, and the fate of each tool call.
+
+        The partial assistant message (text and thinking delivered so far, tool calls whose
+        arguments were complete) carries ``meta``. Every complete tool call gets a result:
+        its real one, or a synthesized one saying it was cancelled or never started. A
+        call whose arguments were cut off is dropped from history (it never ran) and
+        listed as not started.
+        """
+        items = list(self.items)
+        streaming = self.text or self.thinking or any(c.state == "streaming" for c in self.calls)
+        if streaming:
+            message = self._turn_message(meta=meta)
+            if message is not None:
+                items.append(message)
+        elif items and items[-1].role == "assistant":
+            items[-1] = attrs.evolve(items[-1], meta={**items[-1].meta, **meta})
+        answered = [c for c in self.calls if c.arguments is not None]
+        if answered:
+            items.append(self._tool_message(answered))
+        receipts = (*self.receipts, *(self._receipt(c) for c in self.calls))
+        return items, receipts
+
+    def usage(self) -> Usage:
+        """Usage so far, the current turn included; output estimated where never reported."""
+        output = self.turn_output
+        estimated = self.estimated
+        if output is None and self.turn_chars:
+            output, estimated = -(-self.turn_chars // _CHARS_PER_TOKEN), True
+        return Usage(
+            input_tokens=_add(self.input_tokens, self.turn_input),
+            output_tokens=_add(self.output_tokens, output),
+            estimated=estimated,
+        )
+
+    def _settle_usage(self) -> None:
+        settled = self.usage()
+        self.input_tokens, self.output_tokens = settled.input_tokens, settled.output_tokens
+        self.estimated = settled.estimated
+        self.turn_input = self.turn_output = None
+        self.turn_chars = 0
+
+    def _call(self, call_id: str) -> PendingCall:
+        for call in self.calls:
+            if call.id == call_id:
+                return call
+        raise ValueError(f"The model sent arguments for an unknown tool call {call_id!r}.")
+
+    def _turn_message(self, meta: Mapping[str, Any]) -> Message | None:
+        blocks: list[Block] = []
+        if self.thinking:
+            blocks.append(ThinkingBlock(self.thinking, self.thinking_signature))
+        if self.text:
+            blocks.append(TextBlock(self.text))
+        blocks.extend(
+            ToolUseBlock(c.id, c.name, c.arguments) for c in self.calls if c.arguments is not None
+        )
+        if not any(has_content(b) for b in blocks):
+            return None
+        return Message("assistant", tuple(blocks), time.time(), {"run_id": self.run_id, **meta})
+
+    def _tool_message(self, calls: list[PendingCall]) -> Message:
+        results = tuple(
+            ToolResultBlock(c.id, c.result, c.is_error)
+            if c.result is not None
+            else ToolResultBlock(
+                c.id, CANCELLED_RESULT if c.state == "running" else NOT_STARTED_RESULT, True
+            )
+            for c in calls
+        )
+        return Message("tool", results, time.time(), {"run_id": self.run_id})
+
+    @staticmethod
+    def _receipt(call: PendingCall) -> ToolReceipt:
+        status = {"done": "finished", "running": "cancelled"}.get(call.state, "not_started")
+        return ToolReceipt(call.id, call.name, status)  # type: ignore[arg-type]
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)

@@ -1,0 +1,94 @@
+"""Subscriber buffers: bounded, deltas merged when full, terminal events never dropped."""
+
+from __future__ import annotations
+
+import trio
+import trio.lowlevel
+
+from runtime import (
+    RunFinished,
+    Runtime,
+    ScriptedModel,
+    TextDelta,
+    ThinkingChunk,
+    Tool,
+    ToolCallFinished,
+    text_turn,
+    tool_turn,
+)
+from runtime._bus import EventBus
+from tests.helpers import drain
+
+
+def delta(run: str, seq: int, text: str, session: str = "s") -> TextDelta:
+    return TextDelta(run_id=run, session_key=session, seq=seq, text=text)
+
+
+def test_a_full_buffer_merges_deltas_and_keeps_the_text_whole() -> None:
+    bus = EventBus()
+    with bus.subscribe("s", capacity=3) as events:
+        for i in range(100):
+            bus.publish(delta("r", i, f"{i},"))
+        buffered = drain(events)
+    assert len(buffered) == 3
+    assert "".join(e.text for e in buffered) == "".join(f"{i}," for i in range(100))
+    assert buffered[-1].seq == 99  # a merged delta keeps the later seq
+    assert events.merged == 97
+
+
+def test_merging_never_crosses_a_tool_event_of_the_same_run() -> None:
+    bus = EventBus()
+    tool = ToolCallFinished(
+        run_id="r", session_key="s", seq=1, tool_call_id="c", name="t", is_error=False, result=""
+    )
+    with bus.subscribe("s", capacity=1) as events:
+        bus.publish(delta("r", 0, "before "))
+        bus.publish(tool)
+        bus.publish(delta("r", 2, "after"))
+        bus.publish(delta("r", 3, "!"))
+        buffered = drain(events)
+    assert [type(e).__name__ for e in buffered] == ["TextDelta", "ToolCallFinished", "TextDelta"]
+    assert [getattr(e, "text", None) for e in buffered] == ["before ", None, "after!"]
+
+
+def test_subscribers_see_only_their_session_and_unsubscribe_on_exit() -> None:
+    bus = EventBus()
+    with bus.subscribe("a") as a, bus.subscribe() as everything:
+        bus.publish(delta("r1", 0, "x", session="a"))
+        bus.publish(delta("r2", 0, "y", session="b"))
+        assert [e.text for e in drain(a)] == ["x"]
+        assert [e.text for e in drain(everything)] == ["x", "y"]
+        assert len(bus) == 2
+    assert len(bus) == 0
+
+
+async def test_a_subscriber_that_never_reads_does_not_slow_a_run_or_lose_its_end() -> None:
+    chunks = [f"w{i} " for i in range(2000)]
+    model = ScriptedModel.from_turns(
+        [ThinkingChunk("hmm"), *tool_turn(("c1", "t", {}))], text_turn(*chunks)
+    )
+
+    async def t(arguments):
+        return "ok"
+
+    async with Runtime(model=model, tools=[Tool("t", t)], subscriber_capacity=8) as rt:
+        with rt.subscribe("s") as slow, rt.subscribe("s") as other:
+            with trio.fail_after(30):
+                run = await rt.start_run("s", "q")
+                await run.wait()
+            buffered = drain(slow)
+            assert len(buffered) < 30
+            assert isinstance(buffered[-1], RunFinished)
+            text = "".join(e.text for e in buffered if isinstance(e, TextDelta))
+            assert text == "".join(chunks)
+            assert len(drain(other)) == len(buffered)
+
+
+async def test_a_closed_subscription_ends_iteration() -> None:
+    bus = EventBus()
+    events = bus.subscribe("s")
+    bus.publish(delta("r", 0, "last"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.lowlevel.checkpoint)
+        events.close()
+    assert [e.text async for e in events] == ["last"]
