@@ -2,9 +2,11 @@
 
 One connection is kept for the store's life (WAL, ``synchronous=NORMAL``: a commit costs
 about 0.3 ms through a thread, where opening a connection per call costs about 2.4 ms).
-Every call runs in a worker thread through a capacity limiter of one, so calls are
-serialised and the event loop never blocks. A thread is never abandoned: a cancel that
-arrives while a write runs waits for it, so a write is either done or not started.
+Every call runs in a worker thread, one at a time, so the event loop never blocks.
+Waiting for the connection can be cancelled; a statement that has started is not
+interrupted and its result is returned even if a cancel arrives meanwhile, so a caller
+never sees "cancelled" for a write that was in fact committed (the stop commit relies on
+this to report truthfully whether the partial was saved).
 """
 
 from __future__ import annotations
@@ -59,12 +61,10 @@ class SQLiteStore:
     path: Path = attrs.field(converter=Path)
     busy_timeout: float = 5.0
     _connection: sqlite3.Connection | None = attrs.field(default=None, init=False)
-    _limiter: trio.CapacityLimiter = attrs.field(
-        factory=lambda: trio.CapacityLimiter(1), init=False
-    )
+    _turn: trio.Lock = attrs.field(factory=trio.Lock, init=False)
 
     async def __aenter__(self) -> SQLiteStore:
-        self._connection = await trio.to_thread.run_sync(self._open, limiter=self._limiter)
+        self._connection = await trio.to_thread.run_sync(self._open)
         return self
 
     async def __aexit__(
@@ -76,7 +76,8 @@ class SQLiteStore:
         connection, self._connection = self._connection, None
         if connection is not None:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(connection.close, limiter=self._limiter)
+                async with self._turn:
+                    await trio.to_thread.run_sync(connection.close)
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,9 @@ class SQLiteStore:
         connection = self._connection
         if connection is None:
             raise RuntimeError("Use the SQLiteStore inside 'async with' before calling it.")
-        return await trio.to_thread.run_sync(fn, connection, limiter=self._limiter)
+        async with self._turn:
+            with trio.CancelScope(shield=True):
+                return await trio.to_thread.run_sync(fn, connection)
 
     async def _transaction(self, fn: Callable[[sqlite3.Connection], None]) -> None:
         def run(connection: sqlite3.Connection) -> None:

@@ -8,6 +8,7 @@ import signal
 import sys
 import textwrap
 
+import pytest
 import trio
 
 from adapters.sqlite_store import SQLiteStore
@@ -78,8 +79,8 @@ async def test_rollback_removes_the_runs_messages_in_one_transaction(tmp_path) -
         assert [m.text for m in await store.history("s")] == ["r1"]
 
 
-async def test_a_stopped_run_commits_its_partial_to_sqlite(tmp_path, autojump_clock) -> None:
-    model = ScriptedModel.from_turns(text_turn("one ", "two ", "three", pause=1))
+async def test_a_stopped_run_commits_its_partial_to_sqlite(tmp_path) -> None:
+    model = ScriptedModel.from_turns(text_turn("one ", "two ", "three", pause=0.2))
     async with SQLiteStore(tmp_path / "s.db") as store, Runtime(model=model, store=store) as rt:
         with rt.subscribe("s") as events:
             run = await rt.start_run("s", "q")
@@ -165,3 +166,24 @@ async def test_a_killed_process_leaves_an_interrupted_run_and_valid_history(tmp_
                 assert [m.text for m in history[-2:]] == ["and now?", "fresh answer"]
                 sent = model.requests[0].messages
                 assert sent[-1].text == "and now?" and sent[-2] == partial
+
+
+@pytest.mark.parametrize("commit_timeout", [0.0, 0.00005, 0.0002, 0.001, 5.0])
+async def test_the_terminal_event_tells_the_truth_when_the_commit_runs_out_of_time(
+    tmp_path, commit_timeout
+) -> None:
+    """Whether the deadline lands before, during or after the write, the event matches
+    what history holds: RunCancelled with the partial saved, or RunFailed without it."""
+    model = ScriptedModel.from_turns(text_turn("kept ", "never", pause=0.2))
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        async with Runtime(model=model, store=store, commit_timeout=commit_timeout) as rt:
+            with rt.subscribe("s") as events, trio.fail_after(30):
+                run = await rt.start_run("s", "q")
+                seen = await run_and_abort_when(rt, run, events, TextDelta)
+        history = await store.history("s")
+        terminal = seen[-1]
+        if isinstance(terminal, RunCancelled):
+            assert history[-1].text == "kept "
+        else:
+            assert terminal.error_kind == "store" and "could not be saved" in terminal.error_message
+            assert [m.role for m in history] == ["user"]
