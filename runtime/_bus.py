@@ -79,7 +79,7 @@ class Subscription:
                     self._buffer[index] = attrs.evolve(
                         earlier,
                         text=earlier.text + event.text,
-                        seq=event.seq,  # type: ignore[union-attr]
+                        seq=event.seq,
                     )
                     self.merged += 1
                     return

@@ -405,3 +405,17 @@ async def test_an_outer_cancel_still_commits_the_partial(autojump_clock) -> None
     terminal = run.terminal_event
     assert isinstance(terminal, RunCancelled) and terminal.reason == "shutdown"
     assert (await store.history("s"))[-1].text == "one two "
+
+
+async def test_each_abort_checkpoint_is_logged_with_its_keys(autojump_clock, caplog) -> None:
+    caplog.set_level("INFO", logger="runtime")
+    model = ScriptedModel.from_turns(SLOW_TEXT)
+    async with Runtime(model=model) as rt:
+        with rt.subscribe("chat-9") as events:
+            run = await rt.start_run("chat-9", "q")
+            await run_and_abort_when(rt, run, events, TextDelta)
+    lines = [r.getMessage() for r in caplog.records if r.name == "runtime"]
+    for step in ("abort requested", "scope exited", "commit done"):
+        line = next(line for line in lines if line.startswith(step))
+        assert f"session=chat-9 run={run.run_id} reason=rpc" in line
+    assert "ms=" in next(line for line in lines if line.startswith("commit done"))
