@@ -30,6 +30,7 @@ from ._events import ToolReceipt as ToolReceipt
 from ._events import Usage as Usage
 from ._events import converter as converter
 from ._events import is_terminal as is_terminal
+from ._history import Block as Block
 from ._history import InvalidHistory as InvalidHistory
 from ._history import Message as Message
 from ._history import TextBlock as TextBlock

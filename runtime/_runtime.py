@@ -49,7 +49,7 @@ from ._events import (
 from ._history import Message, TextBlock
 from ._model import ErrorKind, Model, ModelError, ModelRequest, TextChunk, ThinkingChunk
 from ._state import BUDGET_RESULT, PendingCall, RunState
-from ._store import MemoryStore, RunRecord, Store
+from ._store import MemoryStore, RunRecord, RunStatus, Store
 from ._tools import Tool, call_tool
 
 logger = logging.getLogger("runtime")
@@ -143,6 +143,18 @@ class Run:
             self.stop_policy = policy
         self._scope.cancel(reason)
         return True
+
+    def _final_record(self, status: RunStatus, stop_reason: str, **fields: Any) -> RunRecord:
+        return RunRecord(
+            run_id=self.run_id,
+            session_key=self.session_key,
+            status=status,
+            started_at=self._started_at,
+            ended_at=time.time(),
+            stop_reason=stop_reason,
+            usage=self._state.usage(),
+            **fields,
+        )
 
     def _next_seq(self) -> int:
         seq, self._seq = self._seq, self._seq + 1
@@ -520,18 +532,8 @@ class Runtime:
                 logger.exception("on_cancelled hook failed; saving the items unchanged")
             else:
                 items = items if changed is None else changed
-        usage = run._state.usage()
         scope_ms = _ms(exited_at, abort_at)
-        record = RunRecord(
-            run_id=run.run_id,
-            session_key=run.session_key,
-            status="cancelled",
-            started_at=run._started_at,
-            ended_at=time.time(),
-            stop_reason=reason,
-            usage=usage,
-            scope_exited_ms=scope_ms,
-        )
+        record = run._final_record("cancelled", reason, scope_exited_ms=scope_ms)
         await self.store.commit_run(record, items, rollback=rollback)
         committed_ms = _ms(trio.current_time(), abort_at)
         self._stop_latencies.append(committed_ms)
@@ -551,38 +553,20 @@ class Runtime:
             policy=run.stop_policy,
             message=kept[-1] if kept else None,
             receipt=receipt,
-            usage=usage,
+            usage=record.usage,
             timings=StopTimings(scope_ms, committed_ms),
             restored_prompt=restored,
         )
 
     async def _commit_failure(self, run: Run, kind: ErrorKind, message: str) -> None:
         items, _ = run._state.close({"error": kind})
-        record = RunRecord(
-            run_id=run.run_id,
-            session_key=run.session_key,
-            status="failed",
-            started_at=run._started_at,
-            ended_at=time.time(),
-            stop_reason="error",
-            usage=run._state.usage(),
-            error=message,
-        )
+        record = run._final_record("failed", "error", error=message)
         await self.store.commit_run(record, items, rollback=False)
         self._emit_terminal(run, RunFailed, error_kind=kind, error_message=message)
 
     async def _commit_finish(self, run: Run, stop_reason: str) -> None:
         items, _ = run._state.close({})
-        usage = run._state.usage()
-        record = RunRecord(
-            run_id=run.run_id,
-            session_key=run.session_key,
-            status="finished",
-            started_at=run._started_at,
-            ended_at=time.time(),
-            stop_reason=stop_reason,
-            usage=usage,
-        )
+        record = run._final_record("finished", stop_reason)
         await self.store.commit_run(record, items, rollback=False)
         replies = [m for m in items if m.role == "assistant"]
         self._emit_terminal(
@@ -590,7 +574,7 @@ class Runtime:
             RunFinished,
             stop_reason=stop_reason,
             message=replies[-1] if replies else None,
-            usage=usage,
+            usage=record.usage,
         )
 
     def _emit_terminal(self, run: Run, kind: type[TerminalEvent], **fields: Any) -> None:

@@ -18,3 +18,11 @@ IO_BOUND = 30.0
 @pytest.fixture
 def io_bound() -> float:
     return IO_BOUND
+
+
+@pytest.fixture
+async def sim(nursery):  # type: ignore[no-untyped-def]
+    """A running simulated model provider (``adapters.sim.SimServer``) for one test."""
+    from adapters.sim import serve_sim
+
+    return await nursery.start(serve_sim)
