@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 
@@ -12,7 +13,9 @@ import trio
 async def test_trio_agent_sim_serves_until_ctrl_c() -> None:
     command = [sys.executable, "-m", "adapters.cli", "sim", "--port", "0"]
     with trio.fail_after(30):
-        async with await trio.lowlevel.open_process(command, stdout=-1) as process:
+        async with trio.open_nursery() as nursery:
+            start = functools.partial(trio.run_process, command, stdout=-1, check=False)
+            process = await nursery.start(start)
             line = b""
             while b"\n" not in line:
                 chunk = await process.stdout.receive_some()
@@ -23,4 +26,4 @@ async def test_trio_agent_sim_serves_until_ctrl_c() -> None:
                 response = await client.get(url + "/v1/_sim/connections")
             assert response.json() == []
             process.send_signal(signal.SIGINT)
-            assert await process.wait() == 0
+        assert process.returncode == 0
