@@ -121,8 +121,8 @@ class Run:
 
     @property
     def text(self) -> str:
-        """The text of the model's current turn so far."""
-        return self._state.text
+        """The reply's text so far, over all turns: exactly what was sent as TextDelta."""
+        return self._state.reply_text()
 
     @property
     def terminal_event(self) -> TerminalEvent | None:

@@ -154,6 +154,11 @@ class RunState:
         receipts = (*self.receipts, *(self._receipt(c) for c in self.calls))
         return items, receipts
 
+    def reply_text(self) -> str:
+        """The text of every turn so far: what subscribers have been sent as text deltas."""
+        done = "".join(m.text for m in self.items if m.role == "assistant")
+        return done + self.text
+
     def usage(self) -> Usage:
         """Usage so far, the current turn included; output estimated where never reported."""
         output = self.turn_output

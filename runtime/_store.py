@@ -8,22 +8,38 @@ its final record and (under rollback) removes its user message, all or nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, Protocol, final
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol, final
 
 import attrs
 import trio
 
-from ._events import ConcurrencyPolicy, StopPolicy, Usage
+from ._errors import InvalidRequest
+from ._events import CONCURRENCY_POLICIES, STOP_POLICIES, ConcurrencyPolicy, StopPolicy, Usage
 from ._history import Message
 
 RunStatus = Literal["running", "finished", "cancelled", "failed", "interrupted"]
 
 
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in choices:
+            raise InvalidRequest(
+                f"Unknown {attribute.name.replace('_', ' ')} {value!r}; choose one of "
+                f"{', '.join(choices)}."
+            )
+
+    return check
+
+
 @attrs.frozen
 class SessionSettings:
-    stop_policy: StopPolicy = "keep_partial"
-    concurrency: ConcurrencyPolicy = "enqueue"
+    """A session's policies; see ``Runtime.start_run`` and the README for their meaning."""
+
+    stop_policy: StopPolicy = attrs.field(default="keep_partial", validator=_one_of(STOP_POLICIES))
+    concurrency: ConcurrencyPolicy = attrs.field(
+        default="enqueue", validator=_one_of(CONCURRENCY_POLICIES)
+    )
 
 
 @attrs.frozen(kw_only=True)

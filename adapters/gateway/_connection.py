@@ -1,0 +1,419 @@
+"""One client connection: handshake, requests, and the events it follows.
+
+After ``hello-ok`` three tasks share the connection: the request loop, the event sender
+(draining the connection's own bounded runtime subscription, so a slow client delays
+nobody but itself) and the ticker. Every frame goes out through ``_send``, which numbers
+events under one lock, so ``seq`` on the wire is gap-free and in order.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, final
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from runtime import (
+    InvalidRequest,
+    RunExists,
+    SessionBusy,
+    SessionSettings,
+    Subscription,
+    is_stop_command,
+)
+
+from ._protocol import (
+    ABORT_ON_DISCONNECT_CAP,
+    ADMIN,
+    HANDSHAKE_TIMEOUT,
+    INVALID_PAYLOAD,
+    MAX_BUFFERED_BYTES,
+    MAX_PAYLOAD,
+    POLICY_VIOLATION,
+    PRE_HANDSHAKE_MAX_BYTES,
+    PROTOCOL_VERSION,
+    READ,
+    TOO_BIG,
+    TOOL_EVENTS_CAP,
+    WRITE,
+    AnsweredError,
+    ChatAbortParams,
+    ChatHistoryParams,
+    ChatSendParams,
+    ConnectParams,
+    ProtocolError,
+    Request,
+    SessionsAbortParams,
+    SessionsConfigureParams,
+    Unreadable,
+    invalid,
+    parse_request,
+    structure_params,
+)
+from ._translate import EventView, visible
+
+if TYPE_CHECKING:
+    from ._server import Gateway
+
+logger = logging.getLogger("adapters.gateway")
+
+QUEUE_MODES = {
+    "followup": "enqueue",
+    "collect": "enqueue",
+    "steer": "interrupt",
+    "interrupt": "interrupt",
+}
+NEEDS = {
+    "chat.send": WRITE,
+    "chat.abort": WRITE,
+    "sessions.abort": WRITE,
+    "chat.history": READ,
+    "runtime.stats": READ,
+    "runtime.sessions.configure": WRITE,
+}
+
+
+class _Close(Exception):
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@final
+@attrs.define(eq=False)
+class Connection:
+    gateway: Gateway
+    ws: WebSocketConnection
+    conn_id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    scopes: frozenset[str] = frozenset()
+    caps: frozenset[str] = frozenset()
+    _seq: int = 0
+    _send_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    _started_runs: set[str] = attrs.field(factory=set)
+    _events: Subscription | None = None
+    _sender_done: trio.Event = attrs.field(factory=trio.Event)
+
+    async def serve(self) -> None:
+        """Run the connection until the client leaves or the gateway closes it."""
+        try:
+            if await self._handshake():
+                await self._serve_requests()
+        except* _Close as group:  # raised bare or from inside the connection's nursery
+            close = group.exceptions[0]
+            assert isinstance(close, _Close)
+            await self.ws.aclose(close.code, close.reason)
+        except* ConnectionClosed:
+            pass  # the client left; nothing of ours is lost (runs go on, or are aborted below)
+        finally:
+            if ABORT_ON_DISCONNECT_CAP in self.caps:
+                for run_id in self._started_runs:
+                    self.gateway.runtime.abort(run_id=run_id, reason="disconnect")
+
+    async def close_after_flush(self, code: int, flush_timeout: float = 1.0) -> None:
+        """Send what is buffered for this client (a run's last events), then close."""
+        if self._events is not None:
+            self._events.close()  # the sender drains what is buffered, then ends
+            with trio.move_on_after(flush_timeout):
+                await self._sender_done.wait()
+        with trio.move_on_after(flush_timeout):
+            await self.ws.aclose(code, "The gateway is shutting down.")
+
+    # -- handshake -------------------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        await self._event("connect.challenge", {"nonce": secrets.token_hex(16), "ts": _now_ms()})
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as timer:
+            message = await self.ws.get_message()
+        if timer.cancelled_caught:
+            raise _Close(POLICY_VIOLATION, "No connect request arrived in time.")
+        if len(message) > PRE_HANDSHAKE_MAX_BYTES:
+            raise _Close(TOO_BIG, "Frames before the handshake are limited to 64 KiB.")
+        request = await self._read(message)
+        if request is None:
+            return False
+        if request.method != "connect":
+            await self._fail(request.id, invalid("The first request must be connect."))
+            raise _Close(POLICY_VIOLATION, "The first request must be connect.")
+        try:
+            params = structure_params(request.params, ConnectParams)
+            self._admit(params)
+        except ProtocolError as error:
+            await self._fail(request.id, error)
+            raise _Close(POLICY_VIOLATION, str(error)[:120]) from None
+        await self._respond(request.id, self._hello())
+        return True
+
+    def _admit(self, params: ConnectParams) -> None:
+        if not params.minProtocol <= PROTOCOL_VERSION <= params.maxProtocol:
+            raise ProtocolError(
+                "INVALID_REQUEST",
+                f"This gateway speaks protocol {PROTOCOL_VERSION}; the client asked for "
+                f"{params.minProtocol} to {params.maxProtocol}.",
+                details={"code": "PROTOCOL_MISMATCH"},
+            )
+        token = self.gateway.token
+        if token is not None:
+            given = params.auth.token if params.auth is not None else None
+            if given is None:
+                raise ProtocolError(
+                    "FORBIDDEN",
+                    "This gateway needs a token; pass auth.token.",
+                    details={"code": "AUTH_TOKEN_MISSING"},
+                )
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                raise ProtocolError(
+                    "FORBIDDEN", "The token is wrong.", details={"code": "AUTH_TOKEN_MISMATCH"}
+                )
+        if params.role != "operator":
+            raise ProtocolError("FORBIDDEN", f"Unknown role {params.role!r}; use operator.")
+        asked = set(params.scopes if params.scopes is not None else [ADMIN])
+        granted = asked & {READ, WRITE, ADMIN}
+        if ADMIN in granted:
+            granted |= {READ, WRITE}
+        self.scopes = frozenset(granted)
+        self.caps = frozenset(params.caps)
+
+    def _hello(self) -> dict[str, Any]:
+        gateway = self.gateway
+        return {
+            "type": "hello-ok",
+            "protocol": PROTOCOL_VERSION,
+            "server": {"version": gateway.version, "connId": self.conn_id},
+            "features": {"methods": sorted(NEEDS), "events": gateway.event_names()},
+            "snapshot": {
+                "presence": [],
+                "health": {},
+                "stateVersion": {"presence": 0, "health": 0},
+                "uptimeMs": int((time.monotonic() - gateway.started_at) * 1000),
+            },
+            "auth": {"role": "operator", "scopes": sorted(self.scopes)},
+            "policy": {
+                "maxPayload": MAX_PAYLOAD,
+                "maxBufferedBytes": MAX_BUFFERED_BYTES,
+                "tickIntervalMs": gateway.tick_interval_ms,
+            },
+        }
+
+    # -- after the handshake -----------------------------------------------------------
+
+    async def _serve_requests(self) -> None:
+        runtime = self.gateway.runtime
+        view = EventView(tool_events=TOOL_EVENTS_CAP in self.caps)
+        with runtime.subscribe() as events:
+            view.seed(runtime.live_runs())  # no await since subscribing: they line up
+            self._events = events
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_events, events, view)
+                nursery.start_soon(self._tick)
+                while True:
+                    request = await self._read(await self.ws.get_message())
+                    if request is not None:
+                        await self._handle(request)
+
+    async def _send_events(self, events: Subscription, view: EventView) -> None:
+        try:
+            async for event in events:
+                if READ not in self.scopes:
+                    continue
+                for name, payload in view.frames(event):
+                    await self._event(name, payload)
+        finally:
+            self._sender_done.set()
+
+    async def _tick(self) -> None:
+        while True:
+            await trio.sleep(self.gateway.tick_interval_ms / 1000)
+            await self._event("tick", {"ts": _now_ms()})
+
+    async def _read(self, message: str | bytes) -> Request | None:
+        """Parse a frame. None: it was malformed and has been answered."""
+        try:
+            return parse_request(message)
+        except Unreadable as exc:
+            raise _Close(INVALID_PAYLOAD, str(exc)) from None
+        except AnsweredError as exc:
+            await self._fail(exc.request_id, exc.error)
+            return None
+
+    async def _handle(self, request: Request) -> None:
+        handler = _HANDLERS.get(request.method)
+        try:
+            if handler is None:
+                raise invalid(f"Unknown method {request.method!r}.")
+            needed = NEEDS[request.method]
+            if needed not in self.scopes:
+                raise ProtocolError(
+                    "FORBIDDEN",
+                    f"missing scope: {needed}",
+                    details={
+                        "code": "MISSING_SCOPE",
+                        "missingScope": needed,
+                        "requiredScopes": [needed],
+                    },
+                )
+            payload = await handler(self, request.params)
+        except ProtocolError as error:
+            await self._fail(request.id, error)
+        except InvalidRequest as exc:
+            await self._fail(request.id, invalid(str(exc)))
+        except SessionBusy as exc:
+            await self._fail(request.id, ProtocolError("UNAVAILABLE", str(exc), retryable=True))
+        else:
+            await self._respond(request.id, payload)
+
+    # -- methods -----------------------------------------------------------------------
+
+    async def _chat_send(self, raw: Any) -> dict[str, Any]:
+        params = structure_params(raw, ChatSendParams)
+        runtime = self.gateway.runtime
+        if is_stop_command(params.message):
+            result = runtime.abort(session_key=params.sessionKey, reason="stop-command")
+            return {"ok": True, "aborted": result.aborted, "runIds": list(result.run_ids)}
+        if not params.message.strip():
+            raise invalid("params.message is empty; there is nothing to send.")
+        concurrency = None
+        if params.queueMode is not None:
+            concurrency = QUEUE_MODES.get(params.queueMode)
+            if concurrency is None:
+                raise invalid(
+                    f"Unknown params.queueMode {params.queueMode!r}; use one of "
+                    f"{', '.join(QUEUE_MODES)}."
+                )
+        run_id = params.idempotencyKey
+        if runtime.get_run(run_id) is not None:
+            return {"runId": run_id, "status": "in_flight"}
+        thinking = params.thinking is not None and params.thinking.lower() not in (
+            "",
+            "off",
+            "none",
+        )
+        timeout = params.timeoutMs / 1000 if params.timeoutMs else None
+        try:
+            await runtime.start_run(
+                params.sessionKey,
+                params.message,
+                run_id,
+                concurrency=concurrency,  # type: ignore[arg-type]
+                thinking=thinking,
+                run_timeout=timeout,
+            )
+        except RunExists as exists:
+            return {"runId": run_id, "status": "in_flight" if exists.live else "ok"}
+        self._started_runs.add(run_id)
+        return {"runId": run_id, "status": "started"}
+
+    async def _chat_abort(self, raw: Any) -> dict[str, Any]:
+        params = structure_params(raw, ChatAbortParams)
+        result = self.gateway.runtime.abort(
+            run_id=params.runId, session_key=params.sessionKey, reason="rpc"
+        )
+        return {"ok": True, "aborted": result.aborted, "runIds": list(result.run_ids)}
+
+    async def _sessions_abort(self, raw: Any) -> dict[str, Any]:
+        params = structure_params(raw, SessionsAbortParams)
+        runtime = self.gateway.runtime
+        if params.runId is not None:
+            result = runtime.abort(run_id=params.runId, session_key=params.key, reason="rpc")
+            return {"ok": True, "aborted": result.aborted, "runIds": list(result.run_ids)}
+        if params.key is None:
+            raise invalid("Name params.key (a session) or params.runId to abort.")
+        runs = runtime.live_runs(params.key)
+        if not params.clearQueued:
+            runs = [r for r in runs if r.phase == "running"]
+        aborted = [r.run_id for r in runs if runtime.abort(run_id=r.run_id, reason="rpc").aborted]
+        return {"ok": True, "aborted": bool(aborted), "runIds": aborted}
+
+    async def _chat_history(self, raw: Any) -> dict[str, Any]:
+        params = structure_params(raw, ChatHistoryParams)
+        if not 1 <= params.limit <= 1000:
+            raise invalid("params.limit must be from 1 to 1000.")
+        runtime = self.gateway.runtime
+        messages = await runtime.store.history(params.sessionKey, params.limit)
+        settings = await runtime.store.get_settings(params.sessionKey)
+        live = [
+            {"runId": r.run_id, "phase": r.phase, "prompt": r.prompt, "text": r.text}
+            for r in runtime.live_runs(params.sessionKey)
+        ]
+        return {
+            "sessionKey": params.sessionKey,
+            "sessionId": params.sessionKey,
+            "messages": visible(messages),
+            "liveRuns": live,
+            "settings": {"stopPolicy": settings.stop_policy, "concurrency": settings.concurrency},
+        }
+
+    async def _stats(self, raw: Any) -> dict[str, Any]:
+        stats = self.gateway.runtime.statistics()
+        latency = stats.stop_latency
+        return {
+            "liveRuns": stats.live_runs,
+            "queuedRuns": stats.queued_runs,
+            "aborts": stats.aborts,
+            "connections": len(self.gateway.connections),
+            "stopLatencyMs": {
+                "count": latency.count,
+                "median": latency.median_ms,
+                "p99": latency.p99_ms,
+                "max": latency.max_ms,
+            },
+        }
+
+    async def _configure(self, raw: Any) -> dict[str, Any]:
+        params = structure_params(raw, SessionsConfigureParams)
+        store = self.gateway.runtime.store
+        current = await store.get_settings(params.sessionKey)
+        settings = SessionSettings(
+            params.stopPolicy or current.stop_policy,  # type: ignore[arg-type]
+            params.concurrency or current.concurrency,  # type: ignore[arg-type]
+        )
+        await store.set_settings(params.sessionKey, settings)
+        return {
+            "sessionKey": params.sessionKey,
+            "stopPolicy": settings.stop_policy,
+            "concurrency": settings.concurrency,
+        }
+
+    # -- frames out --------------------------------------------------------------------
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        async with self._send_lock:
+            await self.ws.send_message(json.dumps(frame, separators=(",", ":")))
+
+    async def _event(self, name: str, payload: dict[str, Any]) -> None:
+        async with self._send_lock:  # numbered under the lock: wire order is seq order
+            frame = {"type": "event", "event": name, "payload": payload, "seq": self._seq}
+            self._seq += 1
+            await self.ws.send_message(json.dumps(frame, separators=(",", ":")))
+
+    async def _respond(self, request_id: str, payload: dict[str, Any]) -> None:
+        await self._send({"type": "res", "id": request_id, "ok": True, "payload": payload})
+
+    async def _fail(self, request_id: str, error: ProtocolError) -> None:
+        try:
+            await self._send(
+                {"type": "res", "id": request_id, "ok": False, "error": error.error_shape()}
+            )
+        except ConnectionClosed:
+            pass
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+_HANDLERS = {
+    "chat.send": Connection._chat_send,
+    "chat.abort": Connection._chat_abort,
+    "sessions.abort": Connection._sessions_abort,
+    "chat.history": Connection._chat_history,
+    "runtime.stats": Connection._stats,
+    "runtime.sessions.configure": Connection._configure,
+}
