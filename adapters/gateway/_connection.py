@@ -22,6 +22,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from runtime import (
     InvalidRequest,
+    RunCancelled,
     RunExists,
     SessionBusy,
     SessionSettings,
@@ -225,6 +226,15 @@ class Connection:
                     continue
                 for name, payload in view.frames(event):
                     await self._event(name, payload)
+                if isinstance(event, RunCancelled):
+                    logger.info(
+                        "aborted event sent conn=%s session=%s run=%s reason=%s committed_ms=%.2f",
+                        self.conn_id,
+                        event.session_key,
+                        event.run_id,
+                        event.reason,
+                        event.timings.committed_ms,
+                    )
         finally:
             self._sender_done.set()
 
@@ -312,6 +322,12 @@ class Connection:
 
     async def _chat_abort(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, ChatAbortParams)
+        logger.info(
+            "abort request received conn=%s session=%s run=%s",
+            self.conn_id,
+            params.sessionKey,
+            params.runId,
+        )
         result = self.gateway.runtime.abort(
             run_id=params.runId, session_key=params.sessionKey, reason="rpc"
         )
