@@ -1,24 +1,187 @@
-"""The ``trio-agent`` command."""
+"""The ``trio-agent`` command: ``serve`` the gateway, ``chat`` and ``history`` against it,
+``sim`` for the simulated model provider alone."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
+import trio
+
+from adapters.chat_client import DEFAULT_SESSION, DEFAULT_URL, chat, history
+from adapters.gateway import DEFAULT_PORT, Gateway, UnsafeBind, check_bind
+from adapters.openai_compat import open_openai_compat
 from adapters.sim import main as sim_main
+from adapters.sim import serve_sim
+from adapters.sqlite_store import SQLiteStore, default_db_path
+from runtime import Model, Runtime
+
+logger = logging.getLogger("adapters.cli")
+
+TOKEN_ENV = "TRIO_AGENT_TOKEN"
+PROVIDERS = ("sim", "anthropic", "openai")
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "sim":
+        sim_main(["--host", args.host, "--port", str(args.port)])
+        return
+    try:
+        if args.command == "serve":
+            sys.exit(serve(args))
+        elif args.command == "chat":
+            sys.exit(trio.run(chat, args.url, args.token, args.session, args.message))
+        else:
+            sys.exit(trio.run(history, args.url, args.token, args.session, args.limit))
+    except KeyboardInterrupt:  # Ctrl-C where no signal receiver was open
+        sys.exit(130)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-agent", description="An LLM agent runtime whose Stop button really stops."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def token(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--token",
+            default=os.environ.get(TOKEN_ENV) or None,
+            help=f"shared token (default: ${TOKEN_ENV})",
+        )
+
+    serve_ = commands.add_parser("serve", help="serve the WebSocket gateway")
+    serve_.add_argument("--host", default="127.0.0.1")
+    serve_.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port)")
+    token(serve_)
+    serve_.add_argument("--db", type=Path, default=None, help="SQLite file for the history")
+    serve_.add_argument("--provider", choices=PROVIDERS, default="sim")
+    serve_.add_argument("--model", help='model name (required but for the sim: "sim")')
+    serve_.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+
+    for name, help_ in (("chat", "send a message, print the reply"), ("history", "print it")):
+        sub = commands.add_parser(name, help=help_)
+        sub.add_argument("--url", default=DEFAULT_URL)
+        token(sub)
+        sub.add_argument("--session", default=DEFAULT_SESSION, help="session key")
+    commands.choices["chat"].add_argument("message")
+    commands.choices["history"].add_argument("--limit", type=int, default=200)
+
     sim = commands.add_parser("sim", help="serve the simulated model provider on 127.0.0.1")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=0, help="port (0: any free port)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "sim":
-        sim_main(["--host", args.host, "--port", str(args.port)])
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    if args.model is None and args.provider != "sim":
+        print(
+            f"trio-agent serve: --provider {args.provider} needs --model (the model's name)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        check_bind(args.host, args.token)  # before anything listens
+    except UnsafeBind as refusal:
+        print(f"trio-agent: {refusal}", file=sys.stderr)
+        return 2
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("runtime", "adapters"):
+        logging.getLogger(name).setLevel(args.log_level)
+    failure: BaseException | None = None
+    try:
+        trio.run(_serve, args)
+    except* (CannotStart, OSError) as group:  # no API key; the port is taken; ...
+        failure = group
+        while isinstance(failure, BaseExceptionGroup):
+            failure = failure.exceptions[0]
+    if failure is not None:
+        print(f"trio-agent: cannot serve on {args.host}:{args.port}: {failure}", file=sys.stderr)
+        return 2
+    return 0
+
+
+class CannotStart(Exception):
+    """The provider cannot start (no API key, say): one line for the user, exit 2."""
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    db = args.db or default_db_path()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with AsyncExitStack() as stack:
+            try:
+                model = await stack.enter_async_context(
+                    _open_model(args.provider, args.model or "sim")
+                )
+            except ValueError as exc:
+                raise CannotStart(str(exc)) from None
+            store = await stack.enter_async_context(SQLiteStore(db))
+            runtime = await stack.enter_async_context(Runtime(model=model, store=store))
+            gateway = Gateway(runtime, token=args.token)
+            async with trio.open_nursery() as nursery:
+
+                async def serve_then_stop_watching(
+                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+                ) -> None:
+                    await gateway.serve(args.host, args.port, task_status=task_status)
+                    nursery.cancel_scope.cancel()
+
+                port = await nursery.start(serve_then_stop_watching)
+                _announce(args, port, db)
+                await _watch_signals(signals, gateway)
+
+
+def _announce(args: argparse.Namespace, port: int, db: Path) -> None:
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"ws://{host}:{port}"
+    print(f"trio-agent gateway on {url} (provider {args.provider}, db {db})")
+    connect = "trio-agent chat" + ("" if url == DEFAULT_URL else f" --url {url}")
+    token = f" --token ... (or ${TOKEN_ENV})" if args.token else ""
+    print(f'talk to it: {connect}{token} "hello"; Ctrl-C stops it', flush=True)
+
+
+async def _watch_signals(signals: AsyncIterator[int], gateway: Gateway) -> None:
+    """The first signal shuts down gracefully; a second one exits at once."""
+    stopping = False
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if stopping:
+            print(f"trio-agent: {name} again, exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)  # the store's checkpoints cover what was in flight
+        stopping = True
+        logger.info("%s: shutting down (runs are stopped, partials kept)", name)
+        gateway.shutdown()
+
+
+@asynccontextmanager
+async def _open_model(provider: str, model: str) -> AsyncIterator[Model]:
+    """The provider's adapter; ``sim`` also runs the simulated provider in-process."""
+    if provider == "anthropic":
+        from adapters.anthropic import open_anthropic  # the SDK is slow to import
+
+        async with open_anthropic(model=model) as anthropic:
+            yield anthropic
+    elif provider == "openai":
+        async with open_openai_compat(model=model) as openai:
+            yield openai
+    else:
+        async with trio.open_nursery() as nursery:
+            sim = await nursery.start(serve_sim)
+            # api_key="": the user's OPENAI_API_KEY has no business going to the sim
+            async with open_openai_compat(
+                model=model, base_url=sim.base_url + "/v1", api_key=""
+            ) as simulated:
+                yield simulated
+            nursery.cancel_scope.cancel()
 
 
 if __name__ == "__main__":
