@@ -95,9 +95,10 @@ class SQLiteStore:
             raise RuntimeError("Use the SQLiteStore inside 'async with' before calling it.")
         async with self._turn:
             with trio.CancelScope(shield=True):
-                return await trio.to_thread.run_sync(fn, connection)
+                result = await trio.to_thread.run_sync(fn, connection)
+        return result
 
-    async def _transaction(self, fn: Callable[[sqlite3.Connection], None]) -> None:
+    async def _transaction(self, fn: Callable[[sqlite3.Connection], object]) -> None:
         def run(connection: sqlite3.Connection) -> None:
             connection.execute("BEGIN IMMEDIATE")
             try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import attrs
 import cattrs
@@ -213,7 +213,7 @@ def structure_params(params: Any, kind: type[T]) -> T:
     except Exception as exc:
         problems = "; ".join(cattrs.transform_error(exc, path="params"))
         raise invalid(f"Invalid params: {problems}.") from None
-    for field in attrs.fields(kind):
+    for field in attrs.fields(cast(Any, kind)):
         text = getattr(value, field.name)
         if isinstance(text, str) and field.name in _NON_EMPTY and not text.strip():
             raise invalid(f"params.{field.name} is empty.")

@@ -18,7 +18,7 @@ from typing import Final, final
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer, serve_websocket
 
 from runtime import Runtime
 
@@ -98,7 +98,7 @@ class Gateway:
             listener = trio.CancelScope()
 
             async def run_listener(
-                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+                task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
             ) -> None:
                 with listener:
                     await listen(task_status=task_status)
