@@ -215,7 +215,10 @@ async def open_openai_compat(
         api_key = os.environ.get("OPENAI_API_KEY") or None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-    async with httpx.AsyncClient(headers=headers, timeout=timeout) as client:
+    # No cap on concurrent connections: httpx's default of 100 would make the 101st
+    # concurrent run wait silently for a free connection. Idle ones kept: up to 100.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
+    async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
         yield OpenAICompatModel(
             client=client,
             model=model,

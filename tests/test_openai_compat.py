@@ -664,3 +664,26 @@ async def test_real_provider_smoke() -> None:
             events = await _collect(model, _request("Say hello in three words.", max_tokens=50))
     assert _text(events) and isinstance(events[-1], TurnEnd)
     assert any(isinstance(e, UsageReport) and e.input_tokens for e in events)
+
+
+async def test_more_than_a_hundred_turns_stream_at_once(sim) -> None:
+    """httpx's default pool (100) would make the 101st concurrent turn wait silently."""
+    from runtime import ModelRequest
+
+    async with open_openai_compat(model="sim", base_url=sim.base_url + "/v1", api_key="") as model:
+        opened = 0
+
+        async def one_turn() -> None:
+            nonlocal opened
+            request = ModelRequest([Message("user", (TextBlock("#sim think=30"),))])
+            async with model.stream(request):
+                opened += 1
+                await trio.sleep_forever()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for _ in range(120):
+                    nursery.start_soon(one_turn)
+                while opened < 120 or len(sim.connections()) < 120:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
