@@ -671,6 +671,7 @@ async def test_more_than_a_hundred_turns_stream_at_once(sim) -> None:
     from runtime import ModelRequest
 
     async with open_openai_compat(model="sim", base_url=sim.base_url + "/v1", api_key="") as model:
+        all_open = trio.Event()
         opened = 0
 
         async def one_turn() -> None:
@@ -678,12 +679,14 @@ async def test_more_than_a_hundred_turns_stream_at_once(sim) -> None:
             request = ModelRequest([Message("user", (TextBlock("#sim think=30"),))])
             async with model.stream(request):
                 opened += 1
+                if opened == 120:
+                    all_open.set()
                 await trio.sleep_forever()
 
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 for _ in range(120):
                     nursery.start_soon(one_turn)
-                while opened < 120 or len(sim.connections()) < 120:
-                    await trio.sleep(0.05)
+                await all_open.wait()
+                assert len(sim.connections()) == 120
                 nursery.cancel_scope.cancel()
