@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, final
@@ -156,13 +156,14 @@ class SQLiteStore:
 
         await self._transaction(write)
 
-    async def checkpoint_run(self, run_id: str, checkpoint: str) -> None:
-        await self._run(
-            lambda c: c.execute(
+    async def checkpoint_runs(self, checkpoints: Mapping[str, str]) -> None:
+        def write(c: sqlite3.Connection) -> None:
+            c.executemany(
                 "UPDATE runs SET checkpoint = ? WHERE run_id = ? AND status = 'running'",
-                (checkpoint, run_id),
+                [(checkpoint, run_id) for run_id, checkpoint in checkpoints.items()],
             )
-        )
+
+        await self._transaction(write)
 
     async def commit_run(
         self, record: RunRecord, items: Sequence[Message], *, rollback: bool

@@ -109,7 +109,7 @@ class Run:
     _seq: int = attrs.field(default=0, init=False)
     _done: trio.Event = attrs.field(factory=trio.Event, init=False)
     _terminal: TerminalEvent | None = attrs.field(default=None, init=False)
-    _checkpoint_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _checkpointed: int = attrs.field(default=-1, init=False)  # the state version last saved
     _state: RunState = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -191,6 +191,7 @@ class Runtime:
     _exit_stack: AsyncExitStack | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _aborts: int = attrs.field(default=0, init=False)
+    _checkpointer: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _stop_latencies: deque[float] = attrs.field(factory=lambda: deque(maxlen=1000), init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -203,6 +204,7 @@ class Runtime:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             if self.recover:
                 await self._recover_interrupted()
+            self._nursery.start_soon(self._checkpoint_loop)
             self._exit_stack = stack.pop_all()
         return self
 
@@ -212,6 +214,7 @@ class Runtime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        self._checkpointer.cancel()  # the runs' commits save their state from here
         for run in list(self._runs.values()):
             self._abort_run(run, "shutdown", None)
         assert self._exit_stack is not None
@@ -381,7 +384,6 @@ class Runtime:
         except BaseException as exc:  # Cancelled from outside the run: the runtime is closing
             outer = exc
         run._phase = "committing"
-        run._checkpoint_scope.cancel()
         exited_at = trio.current_time()
         reason = run._abort_reason
         if reason is None and outer is not None:
@@ -448,8 +450,6 @@ class Runtime:
         history = await self.store.history(run.session_key)
         self._publish(run, RunStarted, prompt=run.prompt)
         self._publish(run, StreamOptions, allow_cancel=run.allow_cancel)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._checkpoint_loop, run)
         state = run._state
         tools = [tool.spec for tool in self.tools]
         while True:
@@ -503,17 +503,21 @@ class Runtime:
             result=content,
         )
 
-    async def _checkpoint_loop(self, run: Run) -> None:
-        """Write the run's state every ``checkpoint_interval`` while it changes, so a
-        crash loses at most that much of the streamed text."""
-        written = -1
-        with run._checkpoint_scope:
+    async def _checkpoint_loop(self) -> None:
+        """Every ``checkpoint_interval``, save the state of each running run that changed,
+        in one store call, so a crash loses at most that much of the streamed text. One
+        task for all runs: a timer per run would cost thousands of wake-ups a second."""
+        with self._checkpointer:
             while True:
                 await trio.sleep(self.checkpoint_interval)
-                if run._state.version != written:
-                    written = run._state.version
-                    snapshot = json.dumps(converter.unstructure(run._state))
-                    await self.store.checkpoint_run(run.run_id, snapshot)
+                snapshots = {}
+                for run in self._runs.values():
+                    if run._prompt_stored and run._state.version != run._checkpointed:
+                        if run.phase == "running":
+                            run._checkpointed = run._state.version
+                            snapshots[run.run_id] = json.dumps(converter.unstructure(run._state))
+                if snapshots:
+                    await self.store.checkpoint_runs(snapshots)
 
     # -- the commits: shielded by the caller, each ends in exactly one terminal event --
 

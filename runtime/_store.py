@@ -8,7 +8,7 @@ its final record and (under rollback) removes its user message, all or nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, final
 
 import attrs
@@ -74,8 +74,9 @@ class Store(Protocol):
 
     async def begin_run(self, record: RunRecord, prompt: Message) -> None: ...
 
-    async def checkpoint_run(self, run_id: str, checkpoint: str) -> None:
-        """Save a running run's state; a no-op once the run is committed."""
+    async def checkpoint_runs(self, checkpoints: Mapping[str, str]) -> None:
+        """Save running runs' states (run id -> checkpoint) in one call; a run already
+        committed is left as it is."""
         ...
 
     async def commit_run(
@@ -129,11 +130,12 @@ class MemoryStore:
         self._runs[record.run_id] = record
         self._touch(record.session_key)
 
-    async def checkpoint_run(self, run_id: str, checkpoint: str) -> None:
+    async def checkpoint_runs(self, checkpoints: Mapping[str, str]) -> None:
         await trio.lowlevel.checkpoint()
-        record = self._runs.get(run_id)
-        if record is not None and record.status == "running":
-            self._runs[run_id] = attrs.evolve(record, checkpoint=checkpoint)
+        for run_id, checkpoint in checkpoints.items():
+            record = self._runs.get(run_id)
+            if record is not None and record.status == "running":
+                self._runs[run_id] = attrs.evolve(record, checkpoint=checkpoint)
 
     async def commit_run(
         self, record: RunRecord, items: Sequence[Message], *, rollback: bool

@@ -43,7 +43,7 @@ async def test_round_trip_on_a_real_file(tmp_path) -> None:
     async with SQLiteStore(path) as store:
         await store.set_settings("s", SessionSettings("rollback", "reject"))
         await store.begin_run(record, prompt)
-        await store.checkpoint_run("r1", '{"x": 1}')
+        await store.checkpoint_runs({"r1": '{"x": 1}', "unknown": "ignored"})
         assert (await store.get_run("r1")).checkpoint == '{"x": 1}'
         final = RunRecord(
             run_id="r1",
@@ -56,7 +56,7 @@ async def test_round_trip_on_a_real_file(tmp_path) -> None:
             scope_exited_ms=0.5,
         )
         await store.commit_run(final, [reply], rollback=False)
-        await store.checkpoint_run("r1", "late")  # ignored once committed
+        await store.checkpoint_runs({"r1": "late"})  # ignored once committed
     async with SQLiteStore(path) as store:
         assert await store.history("s") == [prompt, reply]
         assert await store.history("s", limit=1) == [reply]
