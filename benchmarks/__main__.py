@@ -8,10 +8,10 @@ import time
 
 import trio
 
-from . import provider_close
+from . import gateway_stop, provider_close
 from ._report import machine
 
-BENCHMARKS = {"provider_close": provider_close.run}
+BENCHMARKS = {"provider_close": provider_close.run, "gateway_stop": gateway_stop.run}
 REPORT = pathlib.Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 

@@ -22,3 +22,9 @@ def test_quick_benchmarks_write_a_report(tmp_path) -> None:
     for adapter in ("anthropic (SDK)", "openai-compatible (httpx)"):
         row = next(line for line in text.splitlines() if line.startswith(f"| {adapter} |"))
         assert row.endswith("| 10 |")  # every trial completed
+    assert "## Stop latency, end to end" in text
+    for others in ("0", "10"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {others} | "))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert len(cells) == 7 and cells[1] == "10"  # every trial completed
+        assert (float(cells[-1]) > 0) == (others != "0")  # the other runs did stream
