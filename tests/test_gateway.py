@@ -401,3 +401,16 @@ async def test_the_official_client_stops_on_a_wrong_token(sim, nursery) -> None:
             assert rejected["result"]["details"]["code"] == "AUTH_TOKEN_MISMATCH"
             assert rejected["result"]["reconnectPaused"]
             gateway.shutdown()
+
+
+async def test_connect_refuses_a_string_where_a_list_of_scopes_belongs(stack) -> None:
+    gateway, port, _ = stack
+    with trio.fail_after(30):
+        async with open_client(port, handshake=False) as client:
+            from tests.gateway_client import connect_params
+
+            params = connect_params() | {"scopes": "operator.write"}
+            refused = await client.call("connect", params)
+            assert refused["error"]["code"] == "INVALID_REQUEST"
+            assert "expected list[str]" in refused["error"]["message"]
+            assert "params.scopes" in refused["error"]["message"]

@@ -138,8 +138,8 @@ class Connection:
         if len(message) > PRE_HANDSHAKE_MAX_BYTES:
             raise _Close(TOO_BIG, "Frames before the handshake are limited to 64 KiB.")
         request = await self._read(message)
-        if request is None:
-            return False
+        if request is None:  # malformed, and answered: the handshake cannot go on
+            raise _Close(POLICY_VIOLATION, "The first request must be a well-formed connect.")
         if request.method != "connect":
             await self._fail(request.id, invalid("The first request must be connect."))
             raise _Close(POLICY_VIOLATION, "The first request must be connect.")
@@ -276,6 +276,16 @@ class Connection:
             await self._fail(request.id, invalid(str(exc)))
         except SessionBusy as exc:
             await self._fail(request.id, ProtocolError("UNAVAILABLE", str(exc), retryable=True))
+        except Exception as exc:  # a bug or a failing store: answer it, never crash the server
+            logger.exception("request failed conn=%s method=%s", self.conn_id, request.method)
+            await self._fail(
+                request.id,
+                ProtocolError(
+                    "UNAVAILABLE",
+                    f"The gateway could not handle {request.method}: {type(exc).__name__}.",
+                    retryable=True,
+                ),
+            )
         else:
             await self._respond(request.id, payload)
 

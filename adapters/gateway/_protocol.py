@@ -185,6 +185,9 @@ class SessionsConfigureParams:
     concurrency: str | None = None
 
 
+SAFE_INTEGER: Final = 2**53 - 1  # the largest integer every JSON client reads exactly
+
+
 def _make_converter() -> cattrs.Converter:
     converter = make_converter(forbid_extra_keys=False)
 
@@ -192,12 +195,26 @@ def _make_converter() -> cattrs.Converter:
         def structure(value: Any, _: type) -> Any:
             if type(value) is not kind:
                 raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("the text is not valid Unicode (a lone surrogate)") from None
+            if isinstance(value, int) and abs(value) > SAFE_INTEGER:
+                raise ValueError(f"the number is beyond {SAFE_INTEGER}")
             return value
 
         return structure
 
     for kind in (str, int, bool):
         converter.register_structure_hook(kind, strict(kind))
+
+    def strings(value: Any, _: type) -> list[str]:
+        if type(value) is not list:
+            raise TypeError(f"expected a list of strings, got {type(value).__name__}")
+        return [converter.structure(item, str) for item in value]
+
+    converter.register_structure_hook_func(lambda kind: kind == list[str], strings)
     return converter
 
 

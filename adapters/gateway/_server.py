@@ -29,7 +29,10 @@ from ._translate import STOPPED_EVENT
 logger = logging.getLogger("adapters.gateway")
 
 DEFAULT_PORT: Final = 18789
-SHUTDOWN_GRACE: Final = 4.0  # seconds for runs to commit their stop before connections close
+SHUTDOWN_GRACE: Final = 4.0
+# A TCP connection must finish its WebSocket upgrade (and a close its handshake) within
+# this, or it is dropped: trio-websocket's default of 60 s lets idle sockets pile up.
+CONNECT_TIMEOUT: Final = 5.0  # seconds for runs to commit their stop before connections close
 
 
 def _version() -> str:
@@ -94,6 +97,8 @@ class Gateway:
                 handler_nursery=nursery,
                 max_message_size=MAX_PAYLOAD,
                 message_queue_size=16,
+                connect_timeout=CONNECT_TIMEOUT,
+                disconnect_timeout=CONNECT_TIMEOUT,
             )
             listener = trio.CancelScope()
 
