@@ -392,7 +392,7 @@ class Runtime:
             reason = "timeout"
         if reason is not None:
             logger.info(
-                "scope exited session=%s run=%s reason=%s ms=%.2f",
+                "scope exited, provider stream closed session=%s run=%s reason=%s ms=%.2f",
                 run.session_key,
                 run.run_id,
                 reason,

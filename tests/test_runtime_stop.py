@@ -415,7 +415,7 @@ async def test_each_abort_checkpoint_is_logged_with_its_keys(autojump_clock, cap
             run = await rt.start_run("chat-9", "q")
             await run_and_abort_when(rt, run, events, TextDelta)
     lines = [r.getMessage() for r in caplog.records if r.name == "runtime"]
-    for step in ("abort requested", "scope exited", "commit done"):
+    for step in ("abort requested", "scope exited, provider stream closed", "commit done"):
         line = next(line for line in lines if line.startswith(step))
         assert f"session=chat-9 run={run.run_id} reason=rpc" in line
     assert "ms=" in next(line for line in lines if line.startswith("commit done"))
