@@ -30,6 +30,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
+from ._process import first_line
 from ._report import Section, Summary, ms
 from .provider_close import sim_process
 
@@ -102,13 +103,8 @@ async def gateway_process(sim_url: str) -> AsyncIterator[int]:
         )
         process: trio.Process = await nursery.start(start)
         try:
-            buffered = b""
-            while b"\n" not in buffered:
-                chunk = await process.stdout.receive_some()  # type: ignore[union-attr]
-                if not chunk:
-                    raise RuntimeError("the gateway process exited before it was ready")
-                buffered += chunk
-            yield int(buffered.decode().split("ws://127.0.0.1:")[1].split()[0])
+            line = await first_line(process, "gateway process")
+            yield int(line.split("ws://127.0.0.1:")[1].split()[0])
         finally:
             process.terminate()
 

@@ -24,6 +24,7 @@ from adapters.anthropic import open_anthropic
 from adapters.openai_compat import open_openai_compat
 from runtime import Model, Runtime
 
+from ._process import first_line
 from ._report import Section, Summary, ms
 
 OpenModel = Callable[[str], AbstractAsyncContextManager[Model]]
@@ -47,13 +48,8 @@ async def sim_process() -> AsyncIterator[str]:
     async with trio.open_nursery() as nursery:
         start = functools.partial(trio.run_process, command, stdout=-1, check=False)
         process: trio.Process = await nursery.start(start)
-        buffered = b""
-        while b"\n" not in buffered:
-            chunk = await process.stdout.receive_some()  # type: ignore[union-attr]
-            if not chunk:
-                raise RuntimeError("the simulated provider exited before it was ready")
-            buffered += chunk
-        url = next(w for w in buffered.decode().split() if w.startswith("http://"))
+        line = await first_line(process, "simulated provider")
+        url = next(w for w in line.split() if w.startswith("http://"))
         try:
             yield url
         finally:
