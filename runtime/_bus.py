@@ -63,19 +63,11 @@ class Subscription:
                 raise StopAsyncIteration
             await self._lot.park()
         await trio.lowlevel.checkpoint()
-        return self._pop()
-
-    @property
-    def buffered(self) -> int:
-        """How many events wait to be read."""
-        return len(self._buffer)
+        return self._buffer.popleft()
 
     def receive_nowait(self) -> Event | None:
         """The next buffered event, or None when there is none."""
-        return self._pop() if self._buffer else None
-
-    def _pop(self) -> Event:
-        return self._buffer.popleft()
+        return self._buffer.popleft() if self._buffer else None
 
     def _push(self, event: Event) -> None:
         if len(self._buffer) >= self._capacity and isinstance(event, TextDelta | ThinkingDelta):
