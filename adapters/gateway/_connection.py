@@ -21,6 +21,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from runtime import (
+    AbortResult,
     InvalidRequest,
     RunCancelled,
     RunExists,
@@ -58,7 +59,7 @@ from ._protocol import (
     parse_request,
     structure_params,
 )
-from ._translate import EventView, visible
+from ._translate import EventView, now_ms, visible
 
 if TYPE_CHECKING:
     from ._server import Gateway
@@ -70,14 +71,6 @@ QUEUE_MODES = {
     "collect": "enqueue",
     "steer": "interrupt",
     "interrupt": "interrupt",
-}
-NEEDS = {
-    "chat.send": WRITE,
-    "chat.abort": WRITE,
-    "sessions.abort": WRITE,
-    "chat.history": READ,
-    "runtime.stats": READ,
-    "runtime.sessions.configure": WRITE,
 }
 
 
@@ -130,7 +123,7 @@ class Connection:
     # -- handshake -------------------------------------------------------------------
 
     async def _handshake(self) -> bool:
-        await self._event("connect.challenge", {"nonce": secrets.token_hex(16), "ts": _now_ms()})
+        await self._event("connect.challenge", {"nonce": secrets.token_hex(16), "ts": now_ms()})
         with trio.move_on_after(HANDSHAKE_TIMEOUT) as timer:
             message = await self.ws.get_message()
         if timer.cancelled_caught:
@@ -188,7 +181,7 @@ class Connection:
             "type": "hello-ok",
             "protocol": PROTOCOL_VERSION,
             "server": {"version": gateway.version, "connId": self.conn_id},
-            "features": {"methods": sorted(NEEDS), "events": gateway.event_names()},
+            "features": {"methods": sorted(_METHODS), "events": gateway.event_names()},
             "snapshot": {
                 "presence": [],
                 "health": {},
@@ -241,7 +234,7 @@ class Connection:
     async def _tick(self) -> None:
         while True:
             await trio.sleep(self.gateway.tick_interval_ms / 1000)
-            await self._event("tick", {"ts": _now_ms()})
+            await self._event("tick", {"ts": now_ms()})
 
     async def _read(self, message: str | bytes) -> Request | None:
         """Parse a frame. None: it was malformed and has been answered."""
@@ -254,11 +247,11 @@ class Connection:
             return None
 
     async def _handle(self, request: Request) -> None:
-        handler = _HANDLERS.get(request.method)
+        method = _METHODS.get(request.method)
         try:
-            if handler is None:
+            if method is None:
                 raise invalid(f"Unknown method {request.method!r}.")
-            needed = NEEDS[request.method]
+            needed, handler = method
             if needed not in self.scopes:
                 raise ProtocolError(
                     "FORBIDDEN",
@@ -295,8 +288,7 @@ class Connection:
         params = structure_params(raw, ChatSendParams)
         runtime = self.gateway.runtime
         if is_stop_command(params.message):
-            result = runtime.abort(session_key=params.sessionKey, reason="stop-command")
-            return {"ok": True, "aborted": result.aborted, "runIds": list(result.run_ids)}
+            return _aborted(runtime.abort(session_key=params.sessionKey, reason="stop-command"))
         if not params.message.strip():
             raise invalid("params.message is empty; there is nothing to send.")
         concurrency = None
@@ -308,8 +300,6 @@ class Connection:
                     f"{', '.join(QUEUE_MODES)}."
                 )
         run_id = params.idempotencyKey
-        if runtime.get_run(run_id) is not None:
-            return {"runId": run_id, "status": "in_flight"}
         thinking = params.thinking is not None and params.thinking.lower() not in (
             "",
             "off",
@@ -325,9 +315,10 @@ class Connection:
                 thinking=thinking,
                 run_timeout=timeout,
             )
-        except RunExists as exists:
+        except RunExists as exists:  # the idempotency key was used: never a second run
             return {"runId": run_id, "status": "in_flight" if exists.live else "ok"}
-        self._started_runs.add(run_id)
+        if ABORT_ON_DISCONNECT_CAP in self.caps:
+            self._started_runs.add(run_id)
         return {"runId": run_id, "status": "started"}
 
     async def _chat_abort(self, raw: Any) -> dict[str, Any]:
@@ -338,23 +329,27 @@ class Connection:
             params.sessionKey,
             params.runId,
         )
-        result = self.gateway.runtime.abort(
-            run_id=params.runId, session_key=params.sessionKey, reason="rpc"
+        return _aborted(
+            self.gateway.runtime.abort(
+                run_id=params.runId, session_key=params.sessionKey, reason="rpc"
+            )
         )
-        return {"ok": True, "aborted": result.aborted, "runIds": list(result.run_ids)}
 
     async def _sessions_abort(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, SessionsAbortParams)
         runtime = self.gateway.runtime
         if params.runId is not None:
-            result = runtime.abort(run_id=params.runId, session_key=params.key, reason="rpc")
-            return {"ok": True, "aborted": result.aborted, "runIds": list(result.run_ids)}
+            return _aborted(
+                runtime.abort(run_id=params.runId, session_key=params.key, reason="rpc")
+            )
         if params.key is None:
             raise invalid("Name params.key (a session) or params.runId to abort.")
-        runs = runtime.live_runs(params.key)
-        if not params.clearQueued:
-            runs = [r for r in runs if r.phase == "running"]
-        aborted = [r.run_id for r in runs if runtime.abort(run_id=r.run_id, reason="rpc").aborted]
+        if params.clearQueued:
+            return _aborted(runtime.abort(session_key=params.key, reason="rpc"))
+        running = [r for r in runtime.live_runs(params.key) if r.phase == "running"]
+        aborted = [
+            r.run_id for r in running if runtime.abort(run_id=r.run_id, reason="rpc").aborted
+        ]
         return {"ok": True, "aborted": bool(aborted), "runIds": aborted}
 
     async def _chat_history(self, raw: Any) -> dict[str, Any]:
@@ -431,15 +426,16 @@ class Connection:
             pass
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+def _aborted(result: AbortResult) -> dict[str, Any]:
+    return {"ok": True, "aborted": result.aborted, "runIds": list(result.run_ids)}
 
 
-_HANDLERS = {
-    "chat.send": Connection._chat_send,
-    "chat.abort": Connection._chat_abort,
-    "sessions.abort": Connection._sessions_abort,
-    "chat.history": Connection._chat_history,
-    "runtime.stats": Connection._stats,
-    "runtime.sessions.configure": Connection._configure,
+# method -> (the scope it needs, its handler)
+_METHODS = {
+    "chat.send": (WRITE, Connection._chat_send),
+    "chat.abort": (WRITE, Connection._chat_abort),
+    "sessions.abort": (WRITE, Connection._sessions_abort),
+    "chat.history": (READ, Connection._chat_history),
+    "runtime.stats": (READ, Connection._stats),
+    "runtime.sessions.configure": (WRITE, Connection._configure),
 }

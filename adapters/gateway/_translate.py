@@ -47,7 +47,8 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """Wall-clock milliseconds, as the protocol's timestamps are."""
     return _ms(time.time())
 
 
@@ -111,7 +112,7 @@ def _assistant(text: str) -> dict[str, Any]:
     return {
         "role": "assistant",
         "content": [{"type": "text", "text": text}],
-        "timestamp": _now_ms(),
+        "timestamp": now_ms(),
     }
 
 
@@ -225,7 +226,7 @@ class EventView:
             "runId": run_id,
             "seq": view.next_agent(),
             "stream": stream,
-            "ts": _now_ms(),
+            "ts": now_ms(),
             "data": {"sessionKey": view.session_key, **data},
         }
 
