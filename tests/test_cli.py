@@ -114,6 +114,21 @@ class Interrupted:
     stderr: str
 
 
+async def start_chat(
+    nursery: trio.Nursery, env: dict[str, str], url: str, *args: str
+) -> trio.Process:
+    """``trio-agent chat --url URL ARGS...`` as a child with its output piped."""
+    start = functools.partial(
+        trio.run_process,
+        [*CLI, "chat", "--url", url, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        check=False,
+        env=env,
+    )
+    return await nursery.start(start)
+
+
 async def chat_until(
     nursery: trio.Nursery,
     env: dict[str, str],
@@ -126,16 +141,7 @@ async def chat_until(
 ) -> Interrupted:
     """Start ``chat``, wait until it is ``ready`` (its stdout so far) or until ``watcher``
     sees the run start, press Ctrl-C, and collect what it printed."""
-    command = [*CLI, "chat", "--url", served.url, "--session", session, message]
-    start = functools.partial(
-        trio.run_process,
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        check=False,
-        env=env,
-    )
-    process = await nursery.start(start)
+    process = await start_chat(nursery, env, served.url, "--session", session, message)
     out, err = bytearray(), bytearray()
     if ready is not None:
         await read_until(process.stdout, out, ready)
@@ -221,16 +227,7 @@ async def test_a_stop_under_rollback_prints_the_restored_prompt(tmp_path, env) -
 async def test_sigterm_during_a_run_shuts_down_and_keeps_the_partial(tmp_path, env) -> None:
     with trio.fail_after(PROCESS_BOUND):
         async with serving(tmp_path, env) as served, trio.open_nursery() as nursery:
-            command = [*CLI, "chat", "--url", served.url, SLOW]
-            start = functools.partial(
-                trio.run_process,
-                command,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                check=False,
-                env=env,
-            )
-            chat = await nursery.start(start)
+            chat = await start_chat(nursery, env, served.url, SLOW)
             out, err = bytearray(), bytearray()
             await read_until(chat.stdout, out, some_words)
             sent_at = trio.current_time()

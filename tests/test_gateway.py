@@ -12,7 +12,7 @@ from adapters.gateway import Gateway, UnsafeBind, check_bind
 from adapters.openai_compat import open_openai_compat
 from adapters.sqlite_store import SQLiteStore
 from runtime import Runtime, validate_history
-from tests.gateway_client import open_client
+from tests.gateway_client import connect_params, open_client
 from tests.openclaw_schema import check_frames
 
 THINK = "Hello?\n#sim think=60"
@@ -319,8 +319,6 @@ async def test_token_auth_and_scopes(sim, nursery) -> None:
             port = await nursery.start(gateway.serve, "127.0.0.1", 0)
             with trio.fail_after(30):
                 async with open_client(port, handshake=False) as client:
-                    from tests.gateway_client import connect_params
-
                     denied = await client.call("connect", connect_params(token="wrong"))
                     assert denied["error"]["code"] == "FORBIDDEN"
                     assert denied["error"]["details"]["code"] == "AUTH_TOKEN_MISMATCH"
@@ -407,8 +405,6 @@ async def test_connect_refuses_a_string_where_a_list_of_scopes_belongs(stack) ->
     gateway, port, _ = stack
     with trio.fail_after(30):
         async with open_client(port, handshake=False) as client:
-            from tests.gateway_client import connect_params
-
             params = connect_params() | {"scopes": "operator.write"}
             refused = await client.call("connect", params)
             assert refused["error"]["code"] == "INVALID_REQUEST"
