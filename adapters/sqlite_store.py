@@ -7,6 +7,12 @@ Waiting for the connection can be cancelled; a statement that has started is not
 interrupted and its result is returned even if a cancel arrives meanwhile, so a caller
 never sees "cancelled" for a write that was in fact committed (the stop commit relies on
 this to report truthfully whether the partial was saved).
+
+Failures are mapped to ``SQLiteStoreError`` in ``SQLiteStore._error`` only, with a
+sentence that says what happened (locked by another connection, disk full, I/O error).
+Before every write the store checks that its path still names the file it opened: on
+Linux, SQLite in WAL mode goes on writing to a deleted file without a word, and all of it
+would vanish at the next restart.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
 """
 
 
+class SQLiteStoreError(Exception):
+    """The database could not be read or written; the message says why and what to do."""
+
+
 @final
 @attrs.define(eq=False)
 class SQLiteStore:
@@ -62,6 +72,7 @@ class SQLiteStore:
     busy_timeout: float = 5.0
     _connection: sqlite3.Connection | None = attrs.field(default=None, init=False)
     _turn: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+    _file_id: tuple[int, int] | None = attrs.field(default=None, init=False)
 
     async def __aenter__(self) -> SQLiteStore:
         self._connection = await trio.to_thread.run_sync(self._open)
@@ -87,6 +98,7 @@ class SQLiteStore:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.executescript(_SCHEMA)
+        self._file_id = _file_id(self.path)
         return connection
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -95,20 +107,50 @@ class SQLiteStore:
             raise RuntimeError("Use the SQLiteStore inside 'async with' before calling it.")
         async with self._turn:
             with trio.CancelScope(shield=True):
-                result = await trio.to_thread.run_sync(fn, connection)
+                try:
+                    result = await trio.to_thread.run_sync(fn, connection)
+                except sqlite3.Error as exc:
+                    raise self._error(exc) from exc
         return result
 
     async def _transaction(self, fn: Callable[[sqlite3.Connection], object]) -> None:
         def run(connection: sqlite3.Connection) -> None:
+            if _file_id(self.path) != self._file_id:
+                raise SQLiteStoreError(
+                    f"The SQLite database file {self.path} was deleted or replaced while the "
+                    "store had it open, so nothing more can be saved to it. Restore the file "
+                    "and restart, or restart to begin a new, empty database there."
+                )
             connection.execute("BEGIN IMMEDIATE")
             try:
                 fn(connection)
+                connection.execute("COMMIT")
             except BaseException:
-                connection.execute("ROLLBACK")
+                if connection.in_transaction:  # SQLite rolls back by itself after some errors
+                    connection.execute("ROLLBACK")
                 raise
-            connection.execute("COMMIT")
 
         await self._run(run)
+
+    def _error(self, exc: sqlite3.Error) -> SQLiteStoreError:
+        """The one place where SQLite's errors become SQLiteStoreError."""
+        name = getattr(exc, "sqlite_errorname", "")
+        where = f"The SQLite database {self.path}"
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return SQLiteStoreError(
+                f"{where} is locked by another connection (waited {self.busy_timeout:g} s). "
+                "Stop the other program that holds it, or raise busy_timeout."
+            )
+        if name == "SQLITE_FULL":
+            return SQLiteStoreError(
+                f"{where} is full: the disk has no room left. Free space, then try again."
+            )
+        if name.startswith("SQLITE_IOERR"):
+            return SQLiteStoreError(
+                f"{where} could not be read or written ({exc}): the disk may be full, or "
+                "the file size limit reached. Free space or check the disk, then try again."
+            )
+        return SQLiteStoreError(f"{where} failed: {exc} ({name or type(exc).__name__}).")
 
     # -- the Store port -----------------------------------------------------------
 
@@ -192,6 +234,15 @@ class SQLiteStore:
             ).fetchall()
         )
         return [_record(row) for row in rows]
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); None if it names none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _now() -> float:

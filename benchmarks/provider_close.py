@@ -21,7 +21,9 @@ import httpx
 import trio
 
 from adapters.anthropic import open_anthropic
+from adapters.gemini import open_gemini
 from adapters.openai_compat import open_openai_compat
+from adapters.openai_responses import open_openai_responses
 from runtime import Model, Runtime
 
 from ._process import first_line
@@ -37,6 +39,14 @@ ADAPTERS: dict[str, tuple[str, OpenModel]] = {
     "openai-compatible (httpx)": (
         "/v1/chat/completions",
         lambda url: open_openai_compat(model="sim", base_url=url + "/v1"),
+    ),
+    "openai-responses (httpx)": (
+        "/v1/responses",
+        lambda url: open_openai_responses(model="sim", base_url=url + "/v1", api_key="bench"),
+    ),
+    "gemini (httpx)": (
+        "/v1beta/models/sim:streamGenerateContent",
+        lambda url: open_gemini(model="sim", api_key="bench", base_url=url),
     ),
 }
 

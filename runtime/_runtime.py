@@ -187,6 +187,7 @@ class Runtime:
     _tools_by_name: dict[str, Tool] = attrs.field(init=False)
     _runs: dict[str, Run] = attrs.field(factory=dict, init=False)
     _sessions: dict[str, list[Run]] = attrs.field(factory=dict, init=False)
+    _admitting: dict[str, trio.Event] = attrs.field(factory=dict, init=False)  # in start_run
     _bus: EventBus = attrs.field(factory=EventBus, init=False)
     _exit_stack: AsyncExitStack | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
@@ -257,14 +258,21 @@ class Runtime:
         if run_timeout is not None and not run_timeout > 0:
             raise InvalidRequest("run_timeout must be a positive number of seconds.")
         run_id = run_id or uuid.uuid4().hex
+        # One admission per id at a time: otherwise a second send of the id could read "no
+        # such run" before the first run's record was written, and, once that run had
+        # ended and left the registry, start a second run with the same id.
+        while (admitting := self._admitting.get(run_id)) is not None:
+            await admitting.wait()
         if run_id in self._runs:
             raise RunExists(run_id, live=True)
-        if await self.store.get_run(run_id) is not None:
-            raise RunExists(run_id, live=False)
-        settings = await self.store.get_settings(session_key)
+        self._admitting[run_id] = trio.Event()
+        try:
+            if await self.store.get_run(run_id) is not None:
+                raise RunExists(run_id, live=False)
+            settings = await self.store.get_settings(session_key)
+        finally:
+            self._admitting.pop(run_id).set()
         # From here to the end: no await, so admission and registration are atomic.
-        if run_id in self._runs:
-            raise RunExists(run_id, live=True)
         chain = self._sessions.setdefault(session_key, [])
         policy = concurrency or settings.concurrency
         if chain and policy == "reject":
@@ -506,7 +514,9 @@ class Runtime:
     async def _checkpoint_loop(self) -> None:
         """Every ``checkpoint_interval``, save the state of each running run that changed,
         in one store call, so a crash loses at most that much of the streamed text. One
-        task for all runs: a timer per run would cost thousands of wake-ups a second."""
+        task for all runs: a timer per run would cost thousands of wake-ups a second.
+        A failed save (a locked or full database) is logged and tried again next time: it
+        must not end this task, whose failure would take the runtime and its runs down."""
         with self._checkpointer:
             while True:
                 await trio.sleep(self.checkpoint_interval)
@@ -517,7 +527,13 @@ class Runtime:
                             run._checkpointed = run._state.version
                             snapshots[run.run_id] = json.dumps(converter.unstructure(run._state))
                 if snapshots:
-                    await self.store.checkpoint_runs(snapshots)
+                    try:
+                        await self.store.checkpoint_runs(snapshots)
+                    except Exception as exc:
+                        logger.warning("checkpoint failed, to be retried: %s", exc)
+                        for run_id in snapshots:
+                            if (unsaved := self._runs.get(run_id)) is not None:
+                                unsaved._checkpointed = -1
 
     # -- the commits: shielded by the caller, each ends in exactly one terminal event --
 

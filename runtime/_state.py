@@ -141,13 +141,12 @@ class RunState:
         listed as not started.
         """
         items = list(self.items)
-        streaming = self.text or self.thinking or any(c.state == "streaming" for c in self.calls)
-        if streaming:
-            message = self._turn_message(meta=meta)
-            if message is not None:
-                items.append(message)
-        elif items and items[-1].role == "assistant":
+        # After end_turn the turn's message is the last item (its tool round is under way);
+        # before it, the turn is open even if all it said was complete tool calls.
+        if items and items[-1].role == "assistant":
             items[-1] = attrs.evolve(items[-1], meta={**items[-1].meta, **meta})
+        elif (message := self._turn_message(meta=meta)) is not None:
+            items.append(message)
         answered = [c for c in self.calls if c.arguments is not None]
         if answered:
             items.append(self._tool_message(answered))

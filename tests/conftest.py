@@ -26,3 +26,11 @@ async def sim(nursery):  # type: ignore[no-untyped-def]
     from adapters.sim import serve_sim
 
     return await nursery.start(serve_sim)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="run the property tests' long mode (10,000 stop schedules), before a release",
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import trio
 
@@ -11,10 +11,15 @@ from runtime import (
     Message,
     Run,
     RunCancelled,
+    RunFinished,
     Runtime,
     Subscription,
     TerminalEvent,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
+    ToolCallFinished,
+    ToolCallStarted,
     is_terminal,
     validate_history,
 )
@@ -66,6 +71,75 @@ def check_partial(events: Sequence[Event], history: Sequence[Message]) -> None:
     if isinstance(terminal, RunCancelled) and terminal.message is not None:
         assert delivered_text(events).endswith(terminal.message.text)
         assert terminal.message in history
+
+
+def check_kept_text(events: Sequence[Event], history: Sequence[Message]) -> None:
+    """Invariant 3, for every way a run ends: history holds exactly the text and thinking
+    its subscribers were sent, over all turns, unless the stop rolled the run back, and
+    then history holds nothing of it."""
+    terminal = check_run_events(events)
+    mine = [m for m in history if m.meta.get("run_id") == terminal.run_id]
+    if isinstance(terminal, RunCancelled) and terminal.restored_prompt is not None:
+        assert mine == [], f"a rolled-back run left {mine}"
+        return
+    replies = [m for m in mine if m.role == "assistant"]
+    assert "".join(m.text for m in replies) == delivered_text(events)
+    kept_thinking = "".join(
+        b.text for m in replies for b in m.content if isinstance(b, ThinkingBlock)
+    )
+    assert kept_thinking == "".join(e.text for e in events if isinstance(e, ThinkingDelta))
+    if isinstance(terminal, RunFinished) and terminal.message is not None:
+        assert terminal.message in history
+    check_partial(events, history)
+
+
+def check_prompt_once(prompt: str, events: Sequence[Event], history: Sequence[Message]) -> None:
+    """Nothing lost or doubled: an accepted prompt is in history exactly once, unless the
+    stop handed it back as ``restored_prompt``, and then it is not in history at all."""
+    terminal = check_run_events(events)
+    prompts = [
+        m.text for m in history if m.role == "user" and m.meta.get("run_id") == terminal.run_id
+    ]
+    if isinstance(terminal, RunCancelled) and terminal.restored_prompt is not None:
+        assert terminal.restored_prompt == prompt and prompts == []
+    else:
+        assert prompts == [prompt], f"run {terminal.run_id}: prompt stored as {prompts}"
+
+
+def check_receipt(events: Sequence[Event]) -> None:
+    """No tool left running after a stop: a stopped run's receipt names every tool call
+    it started, and each call's fate is the one its events showed (finished: a result was
+    sent; cancelled: started, never finished; not_started: never started)."""
+    terminal = check_run_events(events)
+    started = {e.tool_call_id for e in events if isinstance(e, ToolCallStarted)}
+    finished = {e.tool_call_id for e in events if isinstance(e, ToolCallFinished)}
+    assert finished <= started
+    if not isinstance(terminal, RunCancelled):
+        assert finished == started, "a run ended normally with a tool call unfinished"
+        return
+    for receipt in terminal.receipt:
+        call = receipt.tool_call_id
+        fate = "finished" if call in finished else "cancelled" if call in started else "not_started"
+        assert receipt.status == fate, f"{receipt} but its events say {fate}"
+    assert started <= {r.tool_call_id for r in terminal.receipt}
+
+
+def check_abort_claims(
+    claims: Mapping[str, Sequence[str]],
+    terminals: Mapping[str, TerminalEvent],
+    requested: Collection[str],
+) -> None:
+    """Invariant 5: an abort that reported a run aborted (``claims``: run id -> the reasons
+    of the aborts that said so) won, and the run ended cancelled for that reason; an abort
+    too late reported nothing. So each run stopped for a ``requested`` reason has exactly
+    one claim, and a run that finished, failed or stopped otherwise has none."""
+    assert set(claims) <= set(terminals), "an abort reported a run that never ran"
+    for run_id, terminal in terminals.items():
+        said = list(claims.get(run_id, ()))
+        if isinstance(terminal, RunCancelled) and terminal.reason in requested:
+            assert said == [terminal.reason], f"run {run_id} stopped; aborts said {said}"
+        else:
+            assert said == [], f"run {run_id} ended {terminal}, yet aborts said {said}"
 
 
 async def check_settled(rt: Runtime, model: object, session_key: str) -> list[Message]:

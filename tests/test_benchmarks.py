@@ -1,30 +1,110 @@
-"""The benchmarks run (quick mode) so they never rot; their numbers are not asserted."""
+"""The benchmarks run (quick mode) so they never rot; their numbers are not asserted.
+
+One quick run of every benchmark (about a minute, plus the kosong venv's one-time build
+under .bench-venvs/), then a rerun of one benchmark that must keep the other sections.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from benchmarks.__main__ import DEFAULT
+from benchmarks._report import split
+
+
+def _bench(report: Path, *names: str) -> None:
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--report", str(report), *names]
+    done = subprocess.run(command, timeout=900, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _rows(section: str) -> list[list[str]]:
+    """The table's rows (header and rule left out), as lists of stripped cells."""
+    lines = [line for line in section.splitlines() if line.startswith("|")][2:]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def _row(rows: list[list[str]], *first: str) -> list[str]:
+    found = [row for row in rows if tuple(row[: len(first)]) == first]
+    assert len(found) == 1, f"no single row starting {first!r} in {rows}"
+    return found[0]
+
 
 @pytest.mark.slow
-def test_quick_benchmarks_write_a_report(tmp_path) -> None:
+def test_quick_benchmarks_write_a_report(tmp_path: Path) -> None:
     report = tmp_path / "BENCHMARKS.md"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--report", str(report)],
-        check=True,
-        timeout=300,
-        capture_output=True,
-    )
+    _bench(report)
     text = report.read_text()
-    assert "quick mode" in text
-    for adapter in ("anthropic (SDK)", "openai-compatible (httpx)"):
+    sections = split(text)
+    assert list(sections) == list(DEFAULT)  # every benchmark; soak only when named
+    assert all("quick mode" in section for section in sections.values())
+    for name, section in sections.items():
+        if name != "provider_close":
+            assert f"](bench-plots/{name}.png)" in section
+            assert (tmp_path / "bench-plots" / f"{name}.png").stat().st_size > 0
+
+    for adapter in (
+        "anthropic (SDK)",
+        "openai-compatible (httpx)",
+        "openai-responses (httpx)",
+        "gemini (httpx)",
+    ):
         row = next(line for line in text.splitlines() if line.startswith(f"| {adapter} |"))
         assert row.endswith("| 10 |")  # every trial completed
-    assert "## Stop latency, end to end" in text
+
+    stops = _rows(sections["gateway_stop"])
+    assert len(stops) == 4
     for others in ("0", "10"):
-        row = next(line for line in text.splitlines() if line.startswith(f"| {others} | "))
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert len(cells) == 7 and cells[1] == "10"  # every trial completed
-        assert (float(cells[-1]) > 0) == (others != "0")  # the other runs did stream
+        for provider in ("silent", "streaming"):
+            row = _row(stops, others, provider)
+            assert len(row) == 8 and row[2] == "10"  # every trial completed
+        silent = _row(stops, others, "silent")
+        assert (float(silent[-1]) > 0) == (others != "0")  # the other runs did stream
+
+    peers = _rows(sections["peers"])
+    for adapter in ("openai-compatible (httpx)", "anthropic (SDK)"):
+        for case in ("silent", "streaming"):
+            assert _row(peers, f"ours, {adapter}", case)[2:7:4] == ["5", "5/5"]
+    kosong = "kosong (kimi-cli's LLM layer), Anthropic provider, task.cancel()"
+    for case in ("silent", "streaming, on_message_part busy"):
+        row = _row(peers, kosong, case)
+        assert row[2] == "5", f"kosong did not run: {row[-1]}"
+        assert row[-1].startswith("kosong==")  # the pinned versions are printed
+    assert _row(peers, "asyncio + httpx, task.cancel()", "silent")[2] == "5"
+    for silence in ("0.1", "0.3"):
+        assert (
+            _row(peers, "cooperative stop flag (kimi-cli #2375)", f"silent {silence} s")[2] == "3"
+        )
+
+    streaming = _rows(sections["streaming"])
+    assert _row(streaming, "added latency per delta, provider → WebSocket client, ms")[-1] == "50"
+    for clients in ("1", "10"):
+        for measure in (
+            "deltas per second through the gateway",
+            "gateway CPU seconds per 1,000 deltas",
+        ):
+            assert float(_row(streaming, measure, clients)[2]) > 0
+
+    scale = _rows(sections["scale"])
+    assert _row(scale, "gateway memory per idle connection, at 20")
+    assert _row(scale, "gateway memory per live run, at 20")
+    for size in ("1", "10"):
+        assert _row(scale, f"abort a session of {size} runs, ms")[-1] == "3"
+
+    commits = _rows(sections["stop_commit"])
+    for store in ("SQLite file", "MemoryStore"):
+        for words in ("0", "100", "1000"):
+            assert _row(commits, store, words)[2] == "10"
+
+    # A rerun of one benchmark replaces its section and keeps the others as they were.
+    _bench(report, "stop_commit")
+    again = split(report.read_text())
+    assert list(again) == list(DEFAULT)
+    assert {k: v for k, v in again.items() if k != "stop_commit"} == {
+        k: v for k, v in sections.items() if k != "stop_commit"
+    }
+    assert len(_rows(again["stop_commit"])) == 6

@@ -9,7 +9,6 @@ example.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,11 +22,8 @@ from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from adapters.gateway import Gateway
-from adapters.openai_compat import open_openai_compat
-from adapters.sim import serve_sim
-from adapters.sqlite_store import SQLiteStore
-from runtime import Runtime
 from tests.gateway_client import Frame, connect_params, open_client
+from tests.gateway_stack import running_gateway, send
 from tests.openclaw_schema import frame_errors
 
 QUICK = "Hi.\n#sim words=1 rate=1000"
@@ -36,29 +32,10 @@ REFUSAL_CLOSES = {1007, 1008, 1009}  # invalid payload, policy violation, too bi
 PROBE = "robustness-probe"
 
 
-@asynccontextmanager
-async def running_gateway(db: Path) -> AsyncIterator[tuple[Gateway, int]]:
-    """A gateway on a free port in front of a runtime on the sim and a SQLite file."""
-    async with trio.open_nursery() as nursery:
-        sim = await nursery.start(serve_sim)
-        async with open_openai_compat(model="sim", base_url=sim.base_url + "/v1") as model:
-            async with SQLiteStore(db) as store, Runtime(model=model, store=store) as rt:
-                gateway = Gateway(rt, tick_interval_ms=200)
-                async with trio.open_nursery() as serving:  # serve ends before the runtime
-                    port = await serving.start(gateway.serve, "127.0.0.1", 0)
-                    yield gateway, port
-                    gateway.shutdown()
-        nursery.cancel_scope.cancel()
-
-
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, int]]:
     async with running_gateway(tmp_path / "gateway.db") as running:
         yield running
-
-
-def send(session: str, message: str, key: str) -> dict[str, Any]:
-    return {"sessionKey": session, "message": message, "idempotencyKey": key}
 
 
 def chat_text(payload: dict[str, Any]) -> str:
@@ -257,52 +234,7 @@ async def test_a_client_that_stops_reading_slows_nobody(gateway) -> None:
             assert [p["seq"] for p in chat] == list(range(len(chat)))
 
 
-# -- 3. a burst of connections that leave --------------------------------------------------
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-async def come_and_go(port: int, how: int) -> None:
-    """Open a connection and leave at once, politely or not, at one of four stages."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    if how == 0:  # TCP only, before the WebSocket upgrade
-        await stream.aclose()
-        return
-    async with trio.open_nursery() as nursery:
-        ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/")
-        await ws.get_message()  # connect.challenge
-        if how >= 2:
-            connect = {"type": "req", "id": "c", "method": "connect", "params": connect_params()}
-            await ws.send_message(json.dumps(connect))
-            await ws.get_message()  # hello-ok; the run's events follow
-        if how % 2:  # drop the TCP connection without a close frame
-            await stream.aclose()
-        else:
-            await ws.aclose()
-        nursery.cancel_scope.cancel()
-
-
-async def test_a_burst_of_clients_leaving_mid_run_leaks_nothing(gateway) -> None:
-    _, port = gateway
-    with trio.fail_after(60):
-        async with open_client(port) as checker:
-            await checker.ok("chat.send", send("s", "Go.\n#sim words=150 rate=100", "burst"))
-            await checker.wait_chat("burst", "delta")  # the model connection is open now
-            before = open_fds()
-            async with trio.open_nursery() as nursery:
-                for i in range(50):
-                    nursery.start_soon(come_and_go, port, i % 4)
-            await checker.wait_chat("burst", "final")
-            for _ in range(400):  # up to 20 s: the server lets go of each one in its own time
-                stats = await checker.ok("runtime.stats")
-                if stats["connections"] == 1 and open_fds() <= before + 2:
-                    break
-                await trio.sleep(0.05)
-            assert stats["connections"] == 1, stats
-            assert stats["liveRuns"] == 0 and stats["queuedRuns"] == 0, stats
-            assert open_fds() <= before + 2, f"{open_fds() - before} file descriptors more"
+# -- 3. a burst of 1,000 connections that leave: tests/test_faults.py --------------------
 
 
 # -- 4. frames too big or too deep ---------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The simulated model provider, over real sockets: both wire formats parse (Anthropic
+"""The simulated model provider, over real sockets: all four wire formats parse (Anthropic
 through the real SDK), every directive does what it says, and the connection records
 show who hung up and when.
 
@@ -49,6 +49,8 @@ IO_BOUND = 30.0  # as in conftest.py
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MESSAGES = "/v1/messages"
 CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+GEMINI = "/v1beta/models/sim:streamGenerateContent"
 CLOSE_BOUND = 2.0  # seconds between a client's close and the record of it; typically ms
 FAST = "rate=5000"
 TOOLS = [{"name": "echo", "description": "Echo text.", "input_schema": {"type": "object"}}]
@@ -74,6 +76,22 @@ def openai_body(text: str, **extra: Any) -> dict[str, Any]:
         "messages": [{"role": "user", "content": text}],
         **extra,
     }
+
+
+def responses_body(text: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "sim", "stream": True, "input": [{"role": "user", "content": text}], **extra}
+
+
+def gemini_body(text: str, **extra: Any) -> dict[str, Any]:
+    return {"contents": [{"role": "user", "parts": [{"text": text}]}], **extra}
+
+
+BODIES = {
+    MESSAGES: anthropic_body,
+    CHAT: openai_body,
+    RESPONSES: responses_body,
+    GEMINI: gemini_body,
+}
 
 
 def text_of(words: list[str] | tuple[str, ...]) -> str:
@@ -102,6 +120,25 @@ async def anthropic_events(client: httpx.AsyncClient, body: Mapping[str, Any]) -
             if line.startswith("event: "):
                 names.append(line.removeprefix("event: "))
     return names
+
+
+async def responses_events(client: httpx.AsyncClient, body: Mapping[str, Any]) -> list[Any]:
+    """The events of one Responses stream; each ``event:`` line names its data's type."""
+    raw = await raw_body(client, RESPONSES, body)
+    events = []
+    for block in raw.strip().split("\n\n"):
+        name, data = block.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {event['type']}"
+        events.append(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    return events
+
+
+async def gemini_chunks(client: httpx.AsyncClient, body: Mapping[str, Any]) -> list[Any]:
+    """The ``data:`` payloads of one Gemini stream."""
+    raw = await raw_body(client, GEMINI + "?alt=sse", body)
+    return [json.loads(block.removeprefix("data: ")) for block in raw.strip().split("\n\n")]
 
 
 @pytest.fixture
@@ -424,6 +461,119 @@ async def test_pause_at_falls_silent_after_word_k(http: httpx.AsyncClient) -> No
     assert max(gaps[:2] + gaps[3:]) < 0.45
 
 
+# -- OpenAI Responses ------------------------------------------------------------------
+
+
+async def test_responses_event_order_text_and_usage(http: httpx.AsyncClient) -> None:
+    with trio.fail_after(IO_BOUND):
+        events = await responses_events(http, responses_body(f"#sim words=2 {FAST}"))
+    assert [e["type"] for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert deltas == text_of(reply_words(2)) == events[6]["text"]
+    completed = events[-1]["response"]
+    assert completed["status"] == "completed" and completed["usage"]["output_tokens"] == 2
+    assert completed["output"][0]["content"][0]["text"] == deltas
+
+
+async def test_responses_reasoning_then_a_tool_call_then_its_result(
+    http: httpx.AsyncClient,
+) -> None:
+    body = responses_body(f"#sim tool=echo {FAST}", reasoning={"effort": "low"})
+    with trio.fail_after(IO_BOUND):
+        events = await responses_events(http, body)
+        summary = [
+            e["delta"]
+            for e in events
+            if e["type"].startswith("response.reasoning_summary") and e["type"].endswith(".delta")
+        ]
+        [added] = [
+            e["item"]
+            for e in events
+            if e["type"] == "response.output_item.added" and e["item"]["type"] == "function_call"
+        ]
+        fragments = [e["delta"] for e in events if e["type"].endswith("arguments.delta")]
+        [done] = [e["item"] for e in events if e["type"] == "response.output_item.done"][1:]
+        assert "".join(summary) == THINKING_TEXT
+        assert added["name"] == "echo" and added["arguments"] == ""
+        assert len(fragments) > 1 and done["arguments"] == "".join(fragments)
+        assert set(json.loads(done["arguments"])) == {"text"}
+        assert events[-1]["type"] == "response.completed"
+        body["input"] += [
+            {k: done[k] for k in ("type", "call_id", "name", "arguments")},
+            {"type": "function_call_output", "call_id": done["call_id"], "output": "done"},
+        ]
+        after = await responses_events(http, body)
+    assert not any(e["type"].endswith("arguments.delta") for e in after)
+    assert any(e["type"] == "response.output_text.delta" for e in after)
+
+
+async def test_responses_max_output_tokens_is_incomplete(http: httpx.AsyncClient) -> None:
+    body = responses_body(f"#sim words=30 {FAST}", max_output_tokens=3)
+    with trio.fail_after(IO_BOUND):
+        events = await responses_events(http, body)
+    assert events[-1]["type"] == "response.incomplete"
+    assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+# -- Gemini ----------------------------------------------------------------------------
+
+
+async def test_gemini_thoughts_text_signature_and_usage(http: httpx.AsyncClient) -> None:
+    config = {"thinkingConfig": {"includeThoughts": True}}
+    with trio.fail_after(IO_BOUND):
+        chunks = await gemini_chunks(
+            http, gemini_body(f"#sim words=3 {FAST}", generationConfig=config)
+        )
+    parts = [p for c in chunks for p in c["candidates"][0].get("content", {}).get("parts", [])]
+    thoughts = [p for p in parts if p.get("thought")]
+    answer = [p for p in parts if not p.get("thought")]
+    assert "".join(p["text"] for p in thoughts) == THINKING_TEXT
+    assert "thoughtSignature" in answer[0]  # the signature rides on the next part
+    assert "".join(p["text"] for p in answer) == text_of(reply_words(3))
+    last = chunks[-1]
+    assert (
+        last["candidates"][0]["finishReason"] == "STOP" and "content" not in last["candidates"][0]
+    )
+    assert last["usageMetadata"]["candidatesTokenCount"] == len(THINKING_TEXT.split()) + 3
+    assert all(c["usageMetadata"]["promptTokenCount"] > 0 for c in chunks)
+
+
+async def test_gemini_function_call_arrives_whole_then_its_result(
+    http: httpx.AsyncClient,
+) -> None:
+    body = gemini_body(f"#sim tool=echo {FAST}")
+    with trio.fail_after(IO_BOUND):
+        call_chunk, finish = await gemini_chunks(http, body)
+        [part] = call_chunk["candidates"][0]["content"]["parts"]
+        call = part["functionCall"]
+        assert call["name"] == "echo" and set(call["args"]) == {"text"} and "id" not in call
+        assert finish["candidates"][0]["finishReason"] == "STOP"
+        body["contents"] += [
+            {"role": "model", "parts": [part]},
+            {"role": "user", "parts": [{"functionResponse": {"name": "echo", "response": {}}}]},
+        ]
+        after = await gemini_chunks(http, body)
+    assert "text" in after[0]["candidates"][0]["content"]["parts"][0]
+
+
+async def test_gemini_max_output_tokens(http: httpx.AsyncClient) -> None:
+    body = gemini_body(f"#sim words=30 {FAST}", generationConfig={"maxOutputTokens": 3})
+    with trio.fail_after(IO_BOUND):
+        chunks = await gemini_chunks(http, body)
+    assert len(chunks) == 4 and chunks[-1]["candidates"][0]["finishReason"] == "MAX_TOKENS"
+
+
 # -- failures --------------------------------------------------------------------------
 
 
@@ -455,13 +605,20 @@ async def test_anthropic_http_failures(
     assert record.status == status and record.closed_by == "server"
 
 
+@pytest.mark.parametrize("path", [CHAT, RESPONSES, GEMINI])
 @pytest.mark.parametrize("status", [429, 500, 529])
-async def test_openai_http_failures(http: httpx.AsyncClient, status: int) -> None:
+async def test_openai_and_gemini_http_failures(
+    http: httpx.AsyncClient, path: str, status: int
+) -> None:
     with trio.fail_after(IO_BOUND):
-        response = await http.post(CHAT, json=openai_body(f"#sim fail={status}"))
+        response = await http.post(path, json=BODIES[path](f"#sim fail={status}"))
     assert response.status_code == status
     error = response.json()["error"]
-    assert error["message"] and "type" in error and "code" in error
+    assert error["message"]
+    if path == GEMINI:
+        assert error["code"] == status and error["status"]
+    else:
+        assert "type" in error and "code" in error
     assert ("retry-after" in response.headers) == (status == 429)
 
 
@@ -566,25 +723,37 @@ async def test_fail_error_event(claude: AsyncAnthropic, http: httpx.AsyncClient)
             ) as stream:
                 await stream.get_final_message()
         raw = await openai_chunks_raw(http, openai_body(f"#sim fail=error_event {FAST}"))
+        responses = await responses_events(http, responses_body(f"#sim fail=error_event {FAST}"))
+        gemini = await gemini_chunks(http, gemini_body(f"#sim fail=error_event {FAST}"))
     assert caught.value.type == "overloaded_error"
     last = json.loads(raw.strip().splitlines()[-1].removeprefix("data: "))
     assert last["error"]["code"] == "overloaded"
+    assert responses[-1]["type"] == "response.failed"
+    assert responses[-1]["response"]["error"]["code"] == "server_error"
+    assert gemini[-1] == {
+        "error": {
+            "code": 503,
+            "message": "The model is overloaded. Please try again later.",
+            "status": "UNAVAILABLE",
+        }
+    }
 
 
-@pytest.mark.parametrize("path", [MESSAGES, CHAT])
+@pytest.mark.parametrize("path", [MESSAGES, CHAT, RESPONSES, GEMINI])
 async def test_bad_directive_is_a_400_naming_the_key(
     sim: SimServer, http: httpx.AsyncClient, path: str
 ) -> None:
-    make = anthropic_body if path == MESSAGES else openai_body
+    make = BODIES[path]
     with trio.fail_after(IO_BOUND):
         unknown = await http.post(path, json=make("#sim words=3 colour=blue"))
         bad_value = await http.post(path, json=make("#sim words=lots"))
     assert unknown.status_code == bad_value.status_code == 400
     assert "'colour'" in unknown.text and "'words'" in bad_value.text
-    if path == MESSAGES:
-        assert unknown.json()["error"]["type"] == "invalid_request_error"
+    error = unknown.json()["error"]
+    if path == GEMINI:
+        assert error["status"] == "INVALID_ARGUMENT"
     else:
-        assert unknown.json()["error"]["type"] == "invalid_request_error"
+        assert error["type"] == "invalid_request_error"
     assert [record.status for record in sim.connections()] == [400, 400]
 
 

@@ -8,9 +8,9 @@ events under one lock, so ``seq`` on the wire is gap-free and in order.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -31,6 +31,7 @@ from runtime import (
     is_stop_command,
 )
 
+from ._auth import DEFAULT_AGENT_ID, MAIN_KEY, Principal, identify
 from ._protocol import (
     ABORT_ON_DISCONNECT_CAP,
     ADMIN,
@@ -54,6 +55,7 @@ from ._protocol import (
     Request,
     SessionsAbortParams,
     SessionsConfigureParams,
+    SessionsListParams,
     Unreadable,
     invalid,
     parse_request,
@@ -86,7 +88,9 @@ class _Close(Exception):
 class Connection:
     gateway: Gateway
     ws: WebSocketConnection
+    address: str  # the client's IP address, whose failed tokens are counted
     conn_id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    principal: Principal = attrs.field(factory=Principal)
     scopes: frozenset[str] = frozenset()
     caps: frozenset[str] = frozenset()
     _seq: int = 0
@@ -153,19 +157,8 @@ class Connection:
                 f"{params.minProtocol} to {params.maxProtocol}.",
                 details={"code": "PROTOCOL_MISMATCH"},
             )
-        token = self.gateway.token
-        if token is not None:
-            given = params.auth.token if params.auth is not None else None
-            if given is None:
-                raise ProtocolError(
-                    "FORBIDDEN",
-                    "This gateway needs a token; pass auth.token.",
-                    details={"code": "AUTH_TOKEN_MISSING"},
-                )
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                raise ProtocolError(
-                    "FORBIDDEN", "The token is wrong.", details={"code": "AUTH_TOKEN_MISMATCH"}
-                )
+        if self.gateway.token is not None or self.gateway.tokens:
+            self.principal = self._authenticate(params)
         if params.role != "operator":
             raise ProtocolError("FORBIDDEN", f"Unknown role {params.role!r}; use operator.")
         asked = set(params.scopes if params.scopes is not None else [ADMIN])
@@ -174,6 +167,46 @@ class Connection:
             granted |= {READ, WRITE}
         self.scopes = frozenset(granted)
         self.caps = frozenset(params.caps)
+
+    def _authenticate(self, params: ConnectParams) -> Principal:
+        gateway = self.gateway
+        wait = gateway.auth_failures.retry_after(self.address)
+        if wait is not None:  # checked first: while locked out, even the right token fails
+            raise ProtocolError(
+                "FORBIDDEN",
+                "Too many failed authentication attempts from this address; retry in "
+                f"{math.ceil(wait)} s.",
+                details={"code": "AUTH_RATE_LIMITED"},
+                retryable=True,
+                retry_after_ms=math.ceil(wait * 1000),
+            )
+        given = params.auth.token if params.auth is not None else None
+        if given is None:
+            raise ProtocolError(
+                "FORBIDDEN",
+                "This gateway needs a token; pass auth.token.",
+                details={"code": "AUTH_TOKEN_MISSING"},
+            )
+        principal = identify(given, gateway.token, gateway.tokens)
+        if principal is None:
+            gateway.auth_failures.record_failure(self.address)
+            logger.warning("wrong token conn=%s address=%s", self.conn_id, self.address)
+            raise ProtocolError(
+                "FORBIDDEN", "The token is wrong.", details={"code": "AUTH_TOKEN_MISMATCH"}
+            )
+        return principal
+
+    def _own(self, **keys: str | None) -> None:
+        """Refuse a session key or run id outside this principal's namespace. The rule
+        reads the key alone, so a refusal never tells whether the session exists."""
+        for field, key in keys.items():
+            if key is not None and not self.principal.owns(key):
+                raise ProtocolError(
+                    "FORBIDDEN",
+                    f"params.{field} must begin with '{self.principal.name}:': this "
+                    "connection's token reaches only the sessions and runs named so.",
+                    details={"code": "NOT_YOUR_SESSION"},
+                )
 
     def _hello(self) -> dict[str, Any]:
         gateway = self.gateway
@@ -187,6 +220,11 @@ class Connection:
                 "health": {},
                 "stateVersion": {"presence": 0, "health": 0},
                 "uptimeMs": int((time.monotonic() - gateway.started_at) * 1000),
+                "sessionDefaults": {
+                    "defaultAgentId": DEFAULT_AGENT_ID,
+                    "mainKey": MAIN_KEY,
+                    "mainSessionKey": self.principal.main_session_key,
+                },
             },
             "auth": {"role": "operator", "scopes": sorted(self.scopes)},
             "policy": {
@@ -202,7 +240,8 @@ class Connection:
         runtime = self.gateway.runtime
         view = EventView(tool_events=TOOL_EVENTS_CAP in self.caps)
         with runtime.subscribe() as events:
-            view.seed(runtime.live_runs())  # no await since subscribing: they line up
+            # no await since subscribing: they line up
+            view.seed([r for r in runtime.live_runs() if self.principal.owns(r.session_key)])
             self._events = events
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_events, events, view)
@@ -215,7 +254,7 @@ class Connection:
     async def _send_events(self, events: Subscription, view: EventView) -> None:
         try:
             async for event in events:
-                if READ not in self.scopes:
+                if READ not in self.scopes or not self.principal.owns(event.session_key):
                     continue
                 for name, payload in view.frames(event):
                     await self._event(name, payload)
@@ -286,6 +325,7 @@ class Connection:
 
     async def _chat_send(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, ChatSendParams)
+        self._own(sessionKey=params.sessionKey, idempotencyKey=params.idempotencyKey)
         runtime = self.gateway.runtime
         if is_stop_command(params.message):
             return _aborted(runtime.abort(session_key=params.sessionKey, reason="stop-command"))
@@ -323,6 +363,7 @@ class Connection:
 
     async def _chat_abort(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, ChatAbortParams)
+        self._own(sessionKey=params.sessionKey, runId=params.runId)
         logger.info(
             "abort request received conn=%s session=%s run=%s",
             self.conn_id,
@@ -337,6 +378,7 @@ class Connection:
 
     async def _sessions_abort(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, SessionsAbortParams)
+        self._own(key=params.key, runId=params.runId)
         runtime = self.gateway.runtime
         if params.runId is not None:
             return _aborted(
@@ -354,6 +396,7 @@ class Connection:
 
     async def _chat_history(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, ChatHistoryParams)
+        self._own(sessionKey=params.sessionKey)
         if not 1 <= params.limit <= 1000:
             raise invalid("params.limit must be from 1 to 1000.")
         runtime = self.gateway.runtime
@@ -371,14 +414,42 @@ class Connection:
             "settings": {"stopPolicy": settings.stop_policy, "concurrency": settings.concurrency},
         }
 
+    async def _sessions_list(self, raw: Any) -> dict[str, Any]:
+        params = structure_params(raw, SessionsListParams)
+        if not 1 <= params.limit <= 1000:
+            raise invalid("params.limit must be from 1 to 1000.")
+        runtime = self.gateway.runtime
+        phases: dict[str, set[str]] = {}
+        for run in runtime.live_runs():
+            phases.setdefault(run.session_key, set()).add(run.phase)
+        rows = []
+        keys = [k for k in await runtime.store.sessions() if self.principal.owns(k)]
+        for key in keys[: params.limit]:
+            row = {"key": key, "sessionId": key, "kind": "direct"}
+            live = phases.get(key, set())
+            if live:
+                row["status"] = "running" if "running" in live else "queued"
+            rows.append(row)
+        return {"ts": now_ms(), "count": len(rows), "sessions": rows}
+
     async def _stats(self, raw: Any) -> dict[str, Any]:
-        stats = self.gateway.runtime.statistics()
+        gateway = self.gateway
+        stats = gateway.runtime.statistics()
         latency = stats.stop_latency
+        # runs and connections are counted within the principal's reach; aborts and the
+        # latency summary are the process's, and name no session
+        runs = [r for r in gateway.runtime.live_runs() if self.principal.owns(r.session_key)]
+        queued = sum(1 for r in runs if r.phase == "queued")
+        connections = [
+            c
+            for c in gateway.connections
+            if self.principal.name is None or c.principal == self.principal
+        ]
         return {
-            "liveRuns": stats.live_runs,
-            "queuedRuns": stats.queued_runs,
+            "liveRuns": len(runs) - queued,
+            "queuedRuns": queued,
             "aborts": stats.aborts,
-            "connections": len(self.gateway.connections),
+            "connections": len(connections),
             "stopLatencyMs": {
                 "count": latency.count,
                 "median": latency.median_ms,
@@ -389,6 +460,7 @@ class Connection:
 
     async def _configure(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, SessionsConfigureParams)
+        self._own(sessionKey=params.sessionKey)
         store = self.gateway.runtime.store
         current = await store.get_settings(params.sessionKey)
         settings = SessionSettings(
@@ -436,6 +508,7 @@ _METHODS = {
     "chat.abort": (WRITE, Connection._chat_abort),
     "sessions.abort": (WRITE, Connection._sessions_abort),
     "chat.history": (READ, Connection._chat_history),
+    "sessions.list": (READ, Connection._sessions_list),
     "runtime.stats": (READ, Connection._stats),
     "runtime.sessions.configure": (WRITE, Connection._configure),
 }

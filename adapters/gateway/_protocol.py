@@ -50,11 +50,13 @@ class ProtocolError(Exception):
         *,
         details: dict[str, Any] | None = None,
         retryable: bool | None = None,
+        retry_after_ms: int | None = None,
     ):
         super().__init__(message)
         self.code = code
         self.details = details
         self.retryable = retryable
+        self.retry_after_ms = retry_after_ms
 
     def error_shape(self) -> dict[str, Any]:
         shape: dict[str, Any] = {"code": self.code, "message": str(self)}
@@ -62,6 +64,8 @@ class ProtocolError(Exception):
             shape["details"] = self.details
         if self.retryable is not None:
             shape["retryable"] = self.retryable
+        if self.retry_after_ms is not None:
+            shape["retryAfterMs"] = self.retry_after_ms
         return shape
 
 
@@ -90,10 +94,11 @@ def parse_request(text: str | bytes) -> Request:
     try:
         frame = json.loads(text)
     except (ValueError, RecursionError) as exc:
+        problem = _unreadable(exc)
         found = _ID.search(text)
         if found is None:
-            raise Unreadable("The frame is not JSON.") from exc
-        raise _answer(found.group(1), "The frame is not valid JSON.") from exc
+            raise Unreadable(f"The frame {problem}.") from exc
+        raise _answer(found.group(1), f"The frame {problem}.") from exc
     if not isinstance(frame, dict):
         raise Unreadable("The frame is JSON but not an object.")
     frame_id = frame.get("id")
@@ -105,6 +110,15 @@ def parse_request(text: str | bytes) -> Request:
     if not isinstance(method, str) or not method:
         raise _answer(frame_id, "The request has no method name.")
     return Request(frame_id, method, frame.get("params", {}))
+
+
+def _unreadable(exc: Exception) -> str:
+    """What is wrong with a frame json could not read, for the client."""
+    if isinstance(exc, RecursionError):  # json stops at the recursion limit, memory intact
+        return "nests too deeply"
+    if isinstance(exc, json.JSONDecodeError):
+        return "is not valid JSON"
+    return "holds a number too long to read"  # Python's limit on digits in an int
 
 
 class AnsweredError(Exception):
@@ -174,6 +188,13 @@ class SessionsAbortParams:
     key: str | None = None
     runId: str | None = None
     clearQueued: bool = False
+
+
+@attrs.frozen
+class SessionsListParams:
+    """``sessions.list``: OpenClaw's filters are accepted and ignored but for ``limit``."""
+
+    limit: int = 200
 
 
 @attrs.frozen

@@ -1,4 +1,8 @@
-"""The gateway server: trio-websocket in front of one Runtime.
+"""The gateway server: trio-websocket in front of one Runtime, and the chat page.
+
+One TCP port serves both: the server reads each connection's request head, hands a
+WebSocket upgrade to trio-websocket (replaying the bytes it read) and answers any other
+request from ``adapters.web``.
 
 ``Gateway.serve`` follows Trio's ``task_status`` protocol (``port = await
 nursery.start(gateway.serve, host, 0)``) and runs until ``shutdown()`` or cancellation.
@@ -9,19 +13,21 @@ with 1001.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 import time
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Final, final
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
+from adapters.web import BadRequest, ReplayStream, answer, read_head, send_error
 from runtime import Runtime
 
+from ._auth import FailureLimiter, check_tokens
 from ._connection import Connection
 from ._protocol import GOING_AWAY, MAX_PAYLOAD, TICK_INTERVAL_MS
 from ._translate import STOPPED_EVENT
@@ -29,10 +35,10 @@ from ._translate import STOPPED_EVENT
 logger = logging.getLogger("adapters.gateway")
 
 DEFAULT_PORT: Final = 18789
-SHUTDOWN_GRACE: Final = 4.0
-# A TCP connection must finish its WebSocket upgrade (and a close its handshake) within
-# this, or it is dropped: trio-websocket's default of 60 s lets idle sockets pile up.
-CONNECT_TIMEOUT: Final = 5.0  # seconds for runs to commit their stop before connections close
+SHUTDOWN_GRACE: Final = 4.0  # seconds for runs to commit their stop before connections close
+# A TCP connection must send its request head and finish its WebSocket upgrade (and a
+# close its handshake) within this, or it is dropped, so idle sockets cannot pile up.
+CONNECT_TIMEOUT: Final = 5.0
 
 
 def _version() -> str:
@@ -46,9 +52,9 @@ class UnsafeBind(ValueError):
     """Refusing to listen beyond loopback without a token."""
 
 
-def check_bind(host: str, token: str | None) -> None:
+def check_bind(host: str, token: str | None, tokens: Mapping[str, str] | None = None) -> None:
     """Loopback needs no token; any other address does, or anyone could drive the model."""
-    if token:
+    if token or tokens:
         return
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -57,7 +63,7 @@ def check_bind(host: str, token: str | None) -> None:
     if not loopback:
         raise UnsafeBind(
             f"Refusing to listen on {host} without a token: anyone who can reach it could "
-            "run and stop your agents. Pass --token, or bind 127.0.0.1."
+            "run and stop your agents. Pass --token or --token-file, or bind 127.0.0.1."
         )
 
 
@@ -65,7 +71,12 @@ def check_bind(host: str, token: str | None) -> None:
 @attrs.define(eq=False)
 class Gateway:
     runtime: Runtime
-    token: str | None = None
+    token: str | None = attrs.field(default=None, repr=False)
+    # named tokens: each principal reaches only its own sessions (see _auth)
+    tokens: Mapping[str, str] = attrs.field(
+        factory=dict, repr=False, validator=lambda gw, _, tokens: check_tokens(tokens, gw.token)
+    )
+    auth_failures: FailureLimiter = attrs.field(factory=FailureLimiter)
     tick_interval_ms: int = TICK_INTERVAL_MS
     version: str = attrs.field(factory=_version)
     started_at: float = attrs.field(factory=time.monotonic)
@@ -86,31 +97,32 @@ class Gateway:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        check_bind(host, self.token)
+        check_bind(host, self.token, self.tokens)
         async with trio.open_nursery() as nursery:
-            listen = functools.partial(
-                serve_websocket,
-                self._handle,
-                host,
-                port,
-                None,
-                handler_nursery=nursery,
-                max_message_size=MAX_PAYLOAD,
-                message_queue_size=16,
-                connect_timeout=CONNECT_TIMEOUT,
-                disconnect_timeout=CONNECT_TIMEOUT,
-            )
+            listeners = await trio.open_tcp_listeners(port, host=host)
+            bound = listeners[0].socket.getsockname()[1]
             listener = trio.CancelScope()
 
             async def run_listener(
-                task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
+                task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
             ) -> None:
                 with listener:
-                    await listen(task_status=task_status)
+                    await trio.serve_listeners(
+                        self._handle_stream,
+                        listeners,
+                        handler_nursery=nursery,
+                        task_status=task_status,
+                    )
 
-            server = await nursery.start(run_listener)
-            bound = server.port
-            logger.info("gateway listening on ws://%s:%d", host, bound)
+            await nursery.start(run_listener)
+            shown = f"[{host}]" if ":" in host else host
+            logger.info(
+                "gateway listening on ws://%s:%d, chat page on http://%s:%d/",
+                shown,
+                bound,
+                shown,
+                bound,
+            )
             task_status.started(bound)
             await self._shutdown.wait()
             listener.cancel()
@@ -128,14 +140,62 @@ class Gateway:
             for run in runs:
                 await run.wait()
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        """One TCP connection: a WebSocket upgrade becomes a client connection; any other
+        request is for the chat page, answered, then closed. Closed by the caller."""
+        deadline = trio.current_time() + CONNECT_TIMEOUT
+        try:
+            with trio.move_on_at(deadline):
+                head = await read_head(stream)
+                if head is not None and not head.wants_websocket:
+                    await answer(stream, head)
+                    return
+                tokenless = self.token is None and not self.tokens
+                if head is not None and tokenless and not head.same_origin():
+                    await send_error(
+                        stream, 403, "Without a token, only the gateway's own page may connect."
+                    )
+                    return
+        except BadRequest as bad:
+            with trio.move_on_after(CONNECT_TIMEOUT):
+                await send_error(stream, bad.status, str(bad))
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the peer left
+        if head is None:  # it left, or sent no whole head in time
+            return
+        try:
+            address = stream.socket.getpeername()[0]  # whose failed tokens count (see _auth)
+        except OSError:
+            return  # the peer left
+        await self._serve_websocket(ReplayStream(stream, head.raw), deadline, address)
+
+    async def _serve_websocket(
+        self, stream: trio.abc.Stream, deadline: float, address: str
+    ) -> None:
+        """As trio-websocket's own server does, with the upgrade bounded by ``deadline``."""
+        async with trio.open_nursery() as nursery:
+            request = None
+            with trio.move_on_at(deadline):
+                request = await wrap_server_stream(
+                    nursery, stream, message_queue_size=16, max_message_size=MAX_PAYLOAD
+                )
+            try:
+                if request is not None:
+                    await self._handle(request, address)
+            finally:
+                nursery.cancel_scope.cancel()  # the reader task, whatever happened
+
+    async def _handle(self, request: WebSocketRequest, address: str) -> None:
         try:
             ws = await request.accept()
         except ConnectionClosed:
             return
-        connection = Connection(self, ws)
+        connection = Connection(self, ws, address)
         self.connections.add(connection)
         try:
             await connection.serve()
         finally:
             self.connections.discard(connection)
+            with trio.move_on_after(CONNECT_TIMEOUT):
+                await ws.aclose()  # the close handshake, if nobody did it yet

@@ -1,6 +1,7 @@
 """The embedded simulated model provider: a real HTTP server on 127.0.0.1 that streams
-Anthropic Messages and OpenAI chat completions replies, scripted by a ``#sim key=value``
-line in the last user message, and records when each client hung up.
+Anthropic Messages, OpenAI chat completions, OpenAI Responses and Gemini replies, scripted
+by a ``#sim key=value`` line in the last user message, and records when each client hung
+up.
 
 Tests start it with ``server = await nursery.start(serve_sim)`` and point a client at
 ``server.base_url``; ``python -m adapters.sim --port N`` runs it standalone.

@@ -29,6 +29,7 @@ from ._script import (
     ThinkingSignature,
     ToolArgsDelta,
     ToolCallBegin,
+    ToolCallEnd,
 )
 
 PATH: Final = "/v1/messages"
@@ -95,6 +96,8 @@ class AnthropicRenderer:
                 )
             case ToolArgsDelta(fragment=fragment):
                 return self._delta({"type": "input_json_delta", "partial_json": fragment})
+            case ToolCallEnd():
+                return self._close()
             case Finish(stop_reason=stop_reason, output_tokens=output_tokens):
                 delta = {
                     "type": "message_delta",

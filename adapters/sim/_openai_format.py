@@ -30,6 +30,7 @@ from ._script import (
     ThinkingSignature,
     ToolArgsDelta,
     ToolCallBegin,
+    ToolCallEnd,
 )
 
 PATH: Final = "/v1/chat/completions"
@@ -105,7 +106,7 @@ class OpenAIRenderer:
                     "code": "overloaded",
                 }
                 return _data({"error": error})
-            case ThinkingSignature() | Silence() | Abort():
+            case ThinkingSignature() | ToolCallEnd() | Silence() | Abort():
                 return b""
 
     def _envelope(self) -> dict[str, Any]:
@@ -143,7 +144,7 @@ class OpenAIFormat:
                     if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping):
                         names[str(call.get("id"))] = str(call["function"].get("name"))
             elif message.get("role") == "user":
-                last_user, user_text = index, _text(message.get("content"))
+                last_user, user_text = index, message_text(message.get("content"))
         results = tuple(
             names.get(str(message.get("tool_call_id")))
             for message in messages[last_user + 1 :]
@@ -167,19 +168,25 @@ class OpenAIFormat:
         )
 
     def error_body(self, status: int, message: str) -> bytes:
-        kind, code = _ERRORS.get(status, ("server_error", None))
-        error = {"message": message, "type": kind, "param": None, "code": code}
-        return json.dumps({"error": error}).encode()
+        return error_body(status, message)
 
 
-def _text(content: Any) -> str:
-    """A user message's text: a string, or the text parts of a list of parts."""
+def error_body(status: int, message: str) -> bytes:
+    """An error worded the way OpenAI words it (chat completions and Responses alike)."""
+    kind, code = _ERRORS.get(status, ("server_error", None))
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    return json.dumps({"error": error}).encode()
+
+
+def message_text(content: Any) -> str:
+    """A user message's text: a string, or the text parts of a list of parts (``text`` in
+    chat completions, ``input_text`` in the Responses API)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         return "\n".join(
             str(part.get("text", ""))
             for part in content
-            if isinstance(part, Mapping) and part.get("type") == "text"
+            if isinstance(part, Mapping) and part.get("type") in ("text", "input_text")
         )
     return ""

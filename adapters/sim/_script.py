@@ -3,7 +3,7 @@
 The reply is decided in full before the first byte goes out: a list of content steps with
 ``Silence`` steps between them. The server walks the list, sleeping on ``Silence`` and
 rendering every other step through the request's wire format. Keeping timing and content
-out of the formats means Anthropic and OpenAI clients see exactly the same reply, with
+out of the formats means clients of every dialect see exactly the same reply, with
 the same pauses, so a benchmark can compare them.
 """
 
@@ -89,6 +89,11 @@ class ToolArgsDelta:
 
 
 @attrs.frozen
+class ToolCallEnd:
+    """The call's arguments are complete; a pause follows before the reply finishes."""
+
+
+@attrs.frozen
 class Finish:
     stop_reason: StopReason
     output_tokens: int
@@ -117,6 +122,7 @@ Step = (
     | TextDelta
     | ToolCallBegin
     | ToolArgsDelta
+    | ToolCallEnd
     | Finish
     | Garbage
     | ErrorEvent
@@ -173,7 +179,7 @@ def build_script(directive: Directive, facts: Facts) -> list[Step]:
         )
         for start in range(0, len(arguments), TOOL_ARG_FRAGMENT):
             emit(ToolArgsDelta(arguments[start : start + TOOL_ARG_FRAGMENT]))
-        steps.append(Finish("tool_use", deltas))
+        steps += [ToolCallEnd(), gap, Finish("tool_use", deltas)]
     else:
         count = directive.words
         if count is None:

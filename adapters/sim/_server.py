@@ -7,8 +7,9 @@ backend keeps reading the socket while the app streams, so a client's FIN (or RS
 into ``http.disconnect`` at once, even while the sim is silent in a ``think`` phase; the
 task stamps ``closed_at`` and cancels the streaming.
 
-``message_start`` (or the first OpenAI chunk) is sent AFTER a ``think=S`` silence: the
-response headers go out at once, then the socket carries no byte for S seconds.
+``message_start`` (or the first chunk or event of the other dialects) is sent AFTER a
+``think=S`` silence: the response headers go out at once, then the socket carries no byte
+for S seconds.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
-from . import _anthropic_format, _openai_format
+from . import _anthropic_format, _gemini_format, _openai_format, _responses_format
 from ._directives import HTTP_FAILS, DirectiveError, parse_directive
 from ._records import ConnectionRecord, Registry
 from ._script import Abort, Renderer, RequestError, Silence, Step, WireFormat, build_script
@@ -40,7 +41,10 @@ CONNECTIONS_PATH: Final = "/v1/_sim/connections"
 _FORMATS: Final[dict[str, WireFormat]] = {
     _anthropic_format.PATH: _anthropic_format.AnthropicFormat(),
     _openai_format.PATH: _openai_format.OpenAIFormat(),
+    _responses_format.PATH: _responses_format.ResponsesFormat(),
 }
+_GEMINI: Final = _gemini_format.GeminiFormat()
+GEMINI_PATH: Final = "/v1beta/models/MODEL:streamGenerateContent"  # for the usage line
 _SSE_HEADERS: Final = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -106,7 +110,7 @@ async def serve_sim(
 
 
 class _SimApp:
-    """The ASGI application: two model endpoints and the connection records."""
+    """The ASGI application: four model endpoints and the connection records."""
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
@@ -122,7 +126,7 @@ class _SimApp:
         if path == CONNECTIONS_PATH:
             await self._connections(method, send)
             return
-        wire = _FORMATS.get(path)
+        wire = _wire_format(path)
         if wire is None:
             body = json.dumps({"error": {"message": f"The sim has no endpoint {path}."}})
             await _send_whole(send, 404, body.encode())
@@ -245,6 +249,13 @@ class _SimApp:
             nursery.cancel_scope.cancel(reason="response complete")
 
 
+def _wire_format(path: str) -> WireFormat | None:
+    """The dialect served at ``path``; Gemini names the model in the path."""
+    if _gemini_format.PATH_PATTERN.fullmatch(path):
+        return _GEMINI
+    return _FORMATS.get(path)
+
+
 async def _read_body(receive: Receive) -> bytes | None:
     """The whole request body, or None if the client left first."""
     chunks: list[bytes] = []
@@ -284,7 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m adapters.sim --port N``: print the URL and serve until Ctrl-C."""
     parser = argparse.ArgumentParser(
         prog="python -m adapters.sim",
-        description="Serve the simulated model provider (Anthropic and OpenAI streaming).",
+        description=(
+            "Serve the simulated model provider (Anthropic, OpenAI chat completions, "
+            "OpenAI Responses and Gemini streaming)."
+        ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port (0: any free port)")
@@ -298,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"sim model provider on {server.base_url} "
                     f"(POST {_anthropic_format.PATH}, POST {_openai_format.PATH}, "
+                    f"POST {_responses_format.PATH}, POST {GEMINI_PATH}, "
                     f"GET {CONNECTIONS_PATH}); Ctrl-C stops it",
                     flush=True,
                 )

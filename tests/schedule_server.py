@@ -1,0 +1,216 @@
+"""One long-lived stack for property tests: sim + OpenAI-compatible adapter + SQLite file +
+Runtime with two tools + Gateway, served by its own ``trio.run`` in a thread.
+
+Why a thread: hypothesis runs each example in a fresh ``trio.run``, and starting a sim,
+a store and a gateway per example would cost more than the example itself. Examples talk
+to the gateway over real sockets; ``ScheduleServer.call`` runs an inspection inside the
+server's loop (``trio.from_thread``), so what it reads is a consistent snapshot.
+
+What the server records beside the runtime, for the invariants: every runtime event per
+run (one subscriber on all sessions), which tools of which run are running, how many model
+streams are open, and for each terminal event whether the run still had a tool running
+or a model stream open when a subscriber received it.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from adapters.gateway import Gateway
+from adapters.openai_compat import open_openai_compat
+from adapters.sim import SimServer, serve_sim
+from adapters.sqlite_store import SQLiteStore
+from runtime import (
+    Event,
+    Model,
+    ModelEvent,
+    ModelRequest,
+    Runtime,
+    Tool,
+    is_terminal,
+)
+
+T = TypeVar("T")
+
+FAST_TOOL_SECONDS = 0.003
+SLOW_TOOL_SECONDS = 0.06
+RUN_TASK_PREFIX = "run "  # Runtime._drive's task is named "run <run_id>"
+
+
+def _run_id_of_current_task() -> str:
+    """The run a tool or a model stream belongs to: the nearest ``run <id>`` task."""
+    task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+    while task is not None:
+        if task.name.startswith(RUN_TASK_PREFIX):
+            return task.name[len(RUN_TASK_PREFIX) :]
+        nursery = task.parent_nursery
+        task = nursery.parent_task if nursery is not None else None
+    raise AssertionError("a tool or a model stream ran outside any run's task")
+
+
+@attrs.define(eq=False)
+class Tracker:
+    """Tools and model streams per run: how many are open right now."""
+
+    tools: Counter[str] = attrs.Factory(Counter)
+    streams: Counter[str] = attrs.Factory(Counter)
+
+    def tool(self, name: str, seconds: float) -> Tool:
+        async def run(arguments: Mapping[str, Any]) -> str:
+            run_id = _run_id_of_current_task()
+            self.tools[run_id] += 1
+            try:
+                await trio.sleep(seconds)
+            finally:
+                self.tools[run_id] -= 1
+            return f"{name} done: {arguments.get('text', '')}"
+
+        return Tool(name, run, f"Sleeps {seconds} s.", {"type": "object"})
+
+
+@attrs.define(eq=False)
+class CountingModel:
+    """The Model port around a real adapter, counting each run's open streams."""
+
+    inner: Model
+    tracker: Tracker
+    cut: int = 0  # streams left on an exception: a stop, a refusal, a malformed response
+
+    @property
+    def open_streams(self) -> int:  # read by tests.helpers.check_settled
+        return sum(self.tracker.streams.values())
+
+    @asynccontextmanager
+    async def stream(self, request: ModelRequest) -> AsyncIterator[AsyncIterator[ModelEvent]]:
+        run_id = _run_id_of_current_task()
+        self.tracker.streams[run_id] += 1
+        try:
+            async with self.inner.stream(request) as events:
+                yield events
+        except BaseException:
+            self.cut += 1
+            raise
+        finally:
+            self.tracker.streams[run_id] -= 1
+
+
+@attrs.frozen
+class Terminal:
+    """A terminal event, and what of its run was still open when a subscriber got it."""
+
+    event: Event
+    tools_running: int
+    streams_open: int
+
+
+@attrs.define(eq=False)
+class ScheduleServer:
+    port: int
+    runtime: Runtime
+    gateway: Gateway
+    sim: SimServer
+    model: CountingModel
+    tracker: Tracker
+    token: trio.lowlevel.TrioToken
+    events: defaultdict[str, list[Event]] = attrs.Factory(lambda: defaultdict(list))
+    terminals: dict[str, Terminal] = attrs.Factory(dict)
+    _stop: trio.Event = attrs.Factory(trio.Event)
+
+    def call(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``afn(*args)`` in the server's loop and return its result (blocking)."""
+        return trio.from_thread.run(afn, *args, trio_token=self.token)
+
+    async def call_from(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``call`` from another Trio loop, without blocking that loop."""
+        return await trio.to_thread.run_sync(functools.partial(self.call, afn, *args))
+
+    async def _record(self, scope: trio.CancelScope) -> None:
+        with scope, self.runtime.subscribe() as subscription:
+            async for event in subscription:
+                self.events[event.run_id].append(event)
+                if is_terminal(event):
+                    run_id = event.run_id
+                    self.terminals[run_id] = Terminal(
+                        event, self.tracker.tools[run_id], self.tracker.streams[run_id]
+                    )
+
+    def run_tasks(self) -> list[str]:
+        """Names of the tasks in the server's loop that belong to a run (call inside it)."""
+        names = []
+        pending = [trio.lowlevel.current_root_task()]
+        while pending:
+            task = pending.pop()
+            names.append(task.name)
+            for nursery in task.child_nurseries:
+                pending.extend(nursery.child_tasks)
+        return [n for n in names if n.startswith(RUN_TASK_PREFIX) or "_run_tool" in n]
+
+
+async def _serve(db_path: Path, ready: queue.Queue[ScheduleServer | BaseException]) -> None:
+    tracker = Tracker()
+    tools = [tracker.tool("fast", FAST_TOOL_SECONDS), tracker.tool("slow", SLOW_TOOL_SECONDS)]
+    async with trio.open_nursery() as nursery:
+        sim = await nursery.start(serve_sim)
+        # One retry, so a 429 with a short retry_after is retried and a 500 fails fast.
+        async with open_openai_compat(
+            model="sim", base_url=sim.base_url + "/v1", max_retries=1
+        ) as inner:
+            model = CountingModel(inner, tracker)
+            async with (
+                SQLiteStore(db_path) as store,
+                Runtime(model=model, store=store, tools=tools) as runtime,
+            ):
+                gateway = Gateway(runtime)
+                recording = trio.CancelScope()
+
+                async def serve(task_status: trio.TaskStatus[int]) -> None:
+                    await gateway.serve("127.0.0.1", 0, task_status=task_status)
+                    recording.cancel()  # the gateway has flushed its last events
+
+                async with trio.open_nursery() as serving:
+                    port = await serving.start(serve)
+                    token = trio.lowlevel.current_trio_token()
+                    server = ScheduleServer(port, runtime, gateway, sim, model, tracker, token)
+                    serving.start_soon(server._record, recording)
+                    ready.put(server)
+                    await server._stop.wait()
+                    gateway.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+@contextmanager
+def schedule_server(db_path: Path) -> Iterator[ScheduleServer]:
+    """Start the stack in a thread; stop it (and join the thread) on exit."""
+    ready: queue.Queue[ScheduleServer | BaseException] = queue.Queue()
+    failure: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            trio.run(_serve, db_path, ready)
+        except BaseException as exc:  # reported to the test thread below
+            failure.append(exc)
+            ready.put(exc)
+
+    thread = threading.Thread(target=main, name="schedule-server", daemon=True)
+    thread.start()
+    started = ready.get(timeout=60)
+    if isinstance(started, BaseException):
+        raise started
+    try:
+        yield started
+    finally:
+        trio.from_thread.run_sync(started._stop.set, trio_token=started.token)
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the schedule server did not stop"
+        if failure:
+            raise failure[0]
