@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import pathlib
 import time
 from typing import Final
@@ -53,7 +54,8 @@ async def main(quick: bool, names: list[str], report: pathlib.Path) -> None:
         if section.plot is not None:
             link = f"{PLOTS}/{name}.png"
             draw(section.plot, section.title, report.parent / link)
-        stamp = f"_{mode}, {time.strftime('%Y-%m-%d')}, {took:.0f} s; {machine()}._\n\n"
+        load = f"load average {os.getloadavg()[0]:.1f} at the end"  # a busy machine is noisy
+        stamp = f"_{mode}, {time.strftime('%Y-%m-%d')}, {took:.0f} s; {machine()}; {load}._\n\n"
         text = section.markdown(link)
         sections[name] = text.replace("\n\n", "\n\n" + stamp, 1)
         print(sections[name], f"({name}: {took:.1f} s)\n", sep="\n", flush=True)

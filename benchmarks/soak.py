@@ -43,8 +43,8 @@ from ._process import first_line
 from ._report import PLOTS, Plot, Section, Series, draw
 from .provider_close import sim_process
 
-# (weight, #sim line). Runs spend much of their life silent or in a tool, so the gateway
-# streams a few hundred deltas per second with 200 runs live, far from saturating it.
+# (weight, #sim line). Runs spend much of their life silent, in a tool or failing, so 200
+# live runs stream a few hundred deltas per second.
 SCRIPTS: Final = (
     (3.0, "#sim words=30 rate=5"),
     (2.0, "#sim words=16 rate=2"),
@@ -73,7 +73,7 @@ TERMINAL: Final = ("final", "aborted", "error")
 @attrs.frozen
 class Plan:
     seconds: float
-    runs: int  # concurrent runs the senders keep live
+    runs: int  # slots: each keeps one run live (two, briefly, after a stop)
     connections: int  # sender connections (plus one observer)
     interval: float  # seconds between samples
     lifetime: tuple[float, float]  # a sender connection's life before it leaves, seconds
@@ -120,14 +120,11 @@ async def _serve(sim_url: str, db: pathlib.Path) -> None:
 async def serving_process(sim_url: str, db: pathlib.Path) -> AsyncIterator[GatewayProcess]:
     """``_gateway.gateway_process``, but serving ``_serve``: the soak needs the SQLite
     store and the tools. The child always ends."""
-    command = [sys.executable, "-m", "benchmarks.soak", "--serve", "--sim-url", sim_url]
+    command = [sys.executable, "-m", "benchmarks.soak", "--serve"]
+    command += ["--sim-url", sim_url, "--db", str(db)]
     async with trio.open_nursery() as nursery:
         start = functools.partial(
-            trio.run_process,
-            [*command, "--db", str(db)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            check=False,
+            trio.run_process, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, check=False
         )
         process: trio.Process = await nursery.start(start)
         try:

@@ -28,6 +28,7 @@ from runtime import (
     SessionBusy,
     SessionSettings,
     Subscription,
+    TerminalEvent,
     is_stop_command,
 )
 
@@ -74,6 +75,31 @@ QUEUE_MODES = {
     "steer": "interrupt",
     "interrupt": "interrupt",
 }
+# Requests are served one at a time, in order, except stops (chat.abort, sessions.abort and
+# a chat.send of "/stop"): those are served as soon as they are read, so a Stop never
+# waits behind the connection's queued sends. Up to this many requests wait in the queue.
+QUEUED_REQUESTS = 64
+
+
+def _send_key(request: Request) -> str | None:
+    """The run id a chat.send request names, if it is readable."""
+    params = request.params
+    if request.method == "chat.send" and isinstance(params, dict):
+        key = params.get("idempotencyKey")
+        return key if isinstance(key, str) else None
+    return None
+
+
+def _is_stop(request: Request) -> bool:
+    if request.method in ("chat.abort", "sessions.abort"):
+        return True
+    params = request.params
+    return (
+        request.method == "chat.send"
+        and isinstance(params, dict)
+        and isinstance(params.get("message"), str)
+        and is_stop_command(params["message"])
+    )
 
 
 class _Close(Exception):
@@ -95,7 +121,9 @@ class Connection:
     caps: frozenset[str] = frozenset()
     _seq: int = 0
     _send_lock: trio.Lock = attrs.field(factory=trio.Lock)
-    _started_runs: set[str] = attrs.field(factory=set)
+    _started_runs: set[str] = attrs.field(factory=set)  # live runs, for abort-on-disconnect
+    # Queued chat.send requests not yet admitted: run id -> (session key, admitted)
+    _pending_sends: dict[str, tuple[Any, trio.Event]] = attrs.field(factory=dict)
     _events: Subscription | None = None
     _sender_done: trio.Event = attrs.field(factory=trio.Event)
 
@@ -243,17 +271,52 @@ class Connection:
             # no await since subscribing: they line up
             view.seed([r for r in runtime.live_runs() if self.principal.owns(r.session_key)])
             self._events = events
+            queue, queued = trio.open_memory_channel[Request](QUEUED_REQUESTS)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_events, events, view)
                 nursery.start_soon(self._tick)
+                nursery.start_soon(self._serve_in_order, queued)
                 while True:
                     request = await self._read(await self.ws.get_message())
-                    if request is not None:
+                    if request is None:
+                        continue
+                    if _is_stop(request):
+                        await self._after_pending_sends(request.params)
                         await self._handle(request)
+                    else:
+                        self._note_pending_send(request)
+                        await queue.send(request)
+
+    async def _serve_in_order(self, queued: trio.MemoryReceiveChannel[Request]) -> None:
+        async for request in queued:
+            try:
+                await self._handle(request)
+            finally:
+                key = _send_key(request)
+                if key is not None and key in self._pending_sends:
+                    self._pending_sends.pop(key)[1].set()
+
+    def _note_pending_send(self, request: Request) -> None:
+        key = _send_key(request)
+        if key is not None:
+            session = request.params.get("sessionKey")
+            self._pending_sends.setdefault(key, (session, trio.Event()))
+
+    async def _after_pending_sends(self, params: Any) -> None:
+        """Let the queued sends a stop names be admitted first: "send, then Stop" stops it."""
+        if not isinstance(params, dict):
+            return
+        run_id = params.get("runId")
+        session = params.get("sessionKey", params.get("key"))
+        for pending_id, (pending_session, admitted) in list(self._pending_sends.items()):
+            if pending_id == run_id or (run_id is None and pending_session == session):
+                await admitted.wait()
 
     async def _send_events(self, events: Subscription, view: EventView) -> None:
         try:
             async for event in events:
+                if isinstance(event, TerminalEvent):
+                    self._started_runs.discard(event.run_id)
                 if READ not in self.scopes or not self.principal.owns(event.session_key):
                     continue
                 for name, payload in view.frames(event):
