@@ -163,14 +163,12 @@ class Endpoint:
     ) -> httpx.Response:
         """Send the request; return the response once its headers say 2xx."""
         try:
-            response = await stack.enter_async_context(
-                self.client.stream(
-                    "POST",
-                    self.base_url + path,
-                    json=body,
-                    headers={"Accept": "text/event-stream"},
-                )
+            request = self.client.build_request(
+                "POST", self.base_url + path, json=body, headers={"Accept": "text/event-stream"}
             )
+            request.stream = _Body(request.content)
+            response = await self.client.send(request, stream=True)
+            stack.push_async_callback(response.aclose)
             if response.is_success:
                 return response
             await response.aread()
@@ -346,6 +344,34 @@ class StreamedCall:
         if not isinstance(value, dict):
             raise BadResponse(f"the arguments of tool call {self.name!r} are not a JSON object")
         return ToolCallEnd(self.id, value)
+
+
+@final
+class _Body(httpx.AsyncByteStream):
+    """A request body sent in one piece by a plain iterator. httpx's own is an async
+    generator, which a stop landing while the body is written leaves unfinished (Trio
+    then warns when it is collected)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _Once(self._data)
+
+
+@final
+class _Once:
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _Once:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        return data
 
 
 class BadResponse(ValueError):

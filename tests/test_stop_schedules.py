@@ -629,14 +629,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield running
 
 
-# A known bug, reported, not ours to fix here: a stop that lands while httpx writes the
-# request body leaves httpx's ByteStream.__aiter__ generator unexhausted, and Trio warns
-# when it is collected (adapters/openai_compat.py sends ``json=body``). Only that warning
-# is let through; remove this mark with the fix.
-@pytest.mark.filterwarnings(
-    "ignore:Async generator 'httpx._content.ByteStream.__aiter__' was garbage collected"
-    ":ResourceWarning"
-)
 def test_no_stop_schedule_breaks_an_invariant(server: ScheduleServer, request: Any) -> None:
     long = request.config.getoption("--long")
 
