@@ -111,9 +111,14 @@ class GatewayProcess:
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(sim_url: str, gc_mode: str = SERVED) -> AsyncIterator[GatewayProcess]:
-    """Run the gateway in a child process; yield it. The child always ends."""
-    command = [sys.executable, "-m", "benchmarks._gateway", "--sim-url", sim_url, "--gc", gc_mode]
+async def gateway_process(
+    sim_url: str, gc_mode: str = SERVED, command: list[str] | None = None
+) -> AsyncIterator[GatewayProcess]:
+    """Run the gateway (or ``command``, which prints the same first line) in a child
+    process; yield it. The child always ends."""
+    if command is None:
+        command = [sys.executable, "-m", "benchmarks._gateway", "--sim-url", sim_url]
+        command += ["--gc", gc_mode]
     async with trio.open_nursery() as nursery:
         start = functools.partial(
             trio.run_process, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, check=False

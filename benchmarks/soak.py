@@ -27,19 +27,18 @@ import os
 import pathlib
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Final
 
 import attrs
 import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
-from ._gateway import CONNECT, Client, GatewayProcess, _until_told_to_stop
-from ._process import first_line
+from ._gateway import CONNECT, Client, GatewayProcess, _until_told_to_stop, gateway_process
 from ._report import PLOTS, Plot, Section, Series, draw
 from .provider_close import sim_process
 
@@ -116,22 +115,10 @@ async def _serve(sim_url: str, db: pathlib.Path) -> None:
                 gateway.shutdown()
 
 
-@contextlib.asynccontextmanager
-async def serving_process(sim_url: str, db: pathlib.Path) -> AsyncIterator[GatewayProcess]:
-    """``_gateway.gateway_process``, but serving ``_serve``: the soak needs the SQLite
-    store and the tools. The child always ends."""
-    command = [sys.executable, "-m", "benchmarks.soak", "--serve"]
-    command += ["--sim-url", sim_url, "--db", str(db)]
-    async with trio.open_nursery() as nursery:
-        start = functools.partial(
-            trio.run_process, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, check=False
-        )
-        process: trio.Process = await nursery.start(start)
-        try:
-            line = await first_line(process, "gateway process")
-            yield GatewayProcess(int(line.split("ws://127.0.0.1:")[1].split()[0]), process.pid)
-        finally:
-            process.terminate()
+def serving_process(sim_url: str, db: pathlib.Path) -> AbstractAsyncContextManager[GatewayProcess]:
+    """The gateway serving ``_serve``: the soak needs the SQLite store and the tools."""
+    command = [sys.executable, "-m", "benchmarks.soak", "--serve", "--sim-url", sim_url]
+    return gateway_process(sim_url, command=[*command, "--db", str(db)])
 
 
 # -- what the client side sees --------------------------------------------------------
