@@ -83,11 +83,9 @@ def test_quick_benchmarks_write_a_report(tmp_path: Path) -> None:
     streaming = _rows(sections["streaming"])
     assert _row(streaming, "added latency per delta, provider → WebSocket client, ms")[-1] == "50"
     for clients in ("1", "10"):
-        for measure in (
-            "deltas per second through the gateway",
-            "gateway CPU seconds per 1,000 deltas",
-        ):
-            assert float(_row(streaming, measure, clients)[2]) > 0
+        assert float(_row(streaming, "deltas per second through the gateway", clients)[2]) > 0
+        # CPU time is counted in clock ticks (10 ms): a quick run can honestly read 0.
+        assert float(_row(streaming, "gateway CPU seconds per 1,000 deltas", clients)[2]) >= 0
 
     scale = _rows(sections["scale"])
     assert _row(scale, "gateway memory per idle connection, at 20")
