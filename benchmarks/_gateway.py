@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -226,17 +226,22 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def open_client(port: int) -> AsyncIterator[Client]:
-    """Connect and shake hands. The TCP stream is closed by us (trio-websocket 0.12 leaves
-    it open after a close the server started; see tests/gateway_client.py)."""
+async def open_client(
+    port: int,
+    params: Mapping[str, Any] = CONNECT,
+    make: Callable[[WebSocketConnection], Client] = Client,
+) -> AsyncIterator[Client]:
+    """Connect and shake hands with ``params``; ``make`` builds the client. The TCP stream
+    is closed by us (trio-websocket 0.12 leaves it open after a close the server started;
+    see tests/gateway_client.py)."""
     async with trio.open_nursery() as nursery:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/")
-            client = Client(ws)
+            client = make(ws)
             await ws.get_message()  # connect.challenge
             nursery.start_soon(client.read)
-            await client.call("connect", CONNECT)
+            await client.call("connect", params)
             yield client
             client.closing = True
             with trio.move_on_after(2):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import functools
 import itertools
 import os
@@ -30,15 +29,21 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Final
 
 import attrs
 import trio
-from trio_websocket import WebSocketConnection, wrap_client_stream
 
-from ._gateway import CONNECT, Client, GatewayProcess, _until_told_to_stop, gateway_process
+from ._gateway import (
+    CONNECT,
+    Client,
+    GatewayProcess,
+    _until_told_to_stop,
+    gateway_process,
+    open_client,
+)
 from ._report import PLOTS, Plot, Section, Series, draw
 from .provider_close import sim_process
 
@@ -201,27 +206,6 @@ class Observer(Client):
         super()._dispatch(frame, now)
 
 
-@contextlib.asynccontextmanager
-async def connect(
-    port: int, params: dict[str, Any], make: Callable[[WebSocketConnection], Client] = Client
-) -> AsyncIterator[Client]:
-    """``_gateway.open_client`` with the handshake's scopes and caps, and the client's
-    class, chosen by the caller."""
-    async with trio.open_nursery() as nursery:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/")
-            client = make(ws)
-            await ws.get_message()  # connect.challenge
-            nursery.start_soon(client.read)
-            await client.call("connect", params)
-            yield client
-            client.closing = True
-            with trio.move_on_after(2):
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
-
-
 def sender_params(index: int) -> dict[str, Any]:
     """Sender 0 reads all events (with tool events), like a UI; the others only write,
     half of them with ``abort-on-disconnect``, like bots. Sender 1 is such a bot that never
@@ -301,7 +285,7 @@ async def sender(
     while trio.current_time() < until:
         lifetime = plan.seconds if index == 1 else rng.uniform(*plan.lifetime)
         leave = min(until, trio.current_time() + lifetime)
-        async with connect(port, sender_params(index)) as client:
+        async with open_client(port, sender_params(index)) as client:
             with trio.move_on_at(leave):
                 async with trio.open_nursery() as nursery:
                     for _ in range(slots):
@@ -359,7 +343,7 @@ async def soak(plan: Plan) -> Result:
         db = pathlib.Path(folder) / "soak.db"
         async with sim_process() as sim_url, serving_process(sim_url, db) as gateway:
             observer_of = functools.partial(Observer, ledger=ledger)
-            async with connect(gateway.port, CONNECT, observer_of) as observer:
+            async with open_client(gateway.port, CONNECT, observer_of) as observer:
                 began = trio.current_time()
                 until = began + plan.seconds
                 async with trio.open_nursery() as nursery:
