@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 # Bound for one test's I/O; generous on purpose (a 2-core CI machine may be busy).
@@ -34,3 +37,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="run the property tests' long mode (10,000 stop schedules), before a release",
     )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A child process's environment: no token from the caller, no writes to the real home."""
+    env = {k: v for k, v in os.environ.items() if k != "TRIO_AGENT_TOKEN"}
+    return env | {"XDG_DATA_HOME": str(tmp_path / "data")}

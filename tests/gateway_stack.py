@@ -3,7 +3,7 @@ file, runtime, WebSocket server on a free port. Tunable where fault tests need i
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,12 @@ async def running_gateway(
     sim: SimServer | None = None,
     *,
     busy_timeout: float = 5.0,
+    wrap_store: Callable[[SQLiteStore], Any] = lambda store: store,
     **model_options: Any,
 ) -> AsyncIterator[tuple[Gateway, int]]:
     """A gateway on a free port in front of a runtime on ``sim`` (a fresh one if None)
-    and the SQLite file ``db``; ``model_options`` go to ``open_openai_compat``."""
+    and the SQLite file ``db`` (as ``wrap_store`` returns it: the runtime's ``store``);
+    ``model_options`` go to ``open_openai_compat``."""
     async with trio.open_nursery() as nursery:
         if sim is None:
             sim = await nursery.start(serve_sim)
@@ -34,7 +36,7 @@ async def running_gateway(
             model="sim", base_url=sim.base_url + "/v1", **model_options
         ) as model:
             async with SQLiteStore(db, busy_timeout=busy_timeout) as store:
-                async with Runtime(model=model, store=store) as rt:
+                async with Runtime(model=model, store=wrap_store(store)) as rt:
                     gateway = Gateway(rt, tick_interval_ms=200)
                     async with trio.open_nursery() as serving:  # serve ends before the runtime
                         port = await serving.start(gateway.serve, "127.0.0.1", 0)

@@ -32,21 +32,9 @@ from runtime._model import (
     TurnEnd,
     UsageReport,
 )
+from tests.http_adapter_suite import collect, request, user
 
 FAKE_KEY = "sk-ant-fake-0123456789abcdef"
-
-
-def _user(text: str) -> Message:
-    return Message("user", (TextBlock(text),))
-
-
-def _request(text: str = "Hello.", **kwargs: Any) -> ModelRequest:
-    return ModelRequest(messages=[_user(text)], **kwargs)
-
-
-async def _collect(model: AnthropicModel, request: ModelRequest) -> list[ModelEvent]:
-    async with model.stream(request) as events:
-        return [event async for event in events]
 
 
 # -- unit tests over a mock transport -------------------------------------------------
@@ -142,7 +130,7 @@ async def test_maps_thinking_text_tool_call_usage_and_stop(autojump_clock: Any) 
         *_finish("tool_use", output_tokens=17),
     )
     async with _mock_model(lambda request: _ok(body)) as model:
-        events = await _collect(model, _request())
+        events = await collect(model, request())
     assert events == [
         UsageReport(input_tokens=42),
         ThinkingChunk("Let me see."),
@@ -165,8 +153,8 @@ async def test_translates_history_tools_system_and_thinking(autojump_clock: Any)
         return _ok(_text_reply("Done."))
 
     history = [
-        _user("First."),
-        _user("Second."),
+        user("First."),
+        user("Second."),
         Message(
             "assistant",
             (
@@ -183,17 +171,17 @@ async def test_translates_history_tools_system_and_thinking(autojump_clock: Any)
                 ToolResultBlock("toolu_2", "boom", is_error=True),
             ),
         ),
-        _user("Thanks."),
+        user("Thanks."),
         # A stopped run's reply: unsigned thinking only, so nothing of it may be sent.
         Message("assistant", (ThinkingBlock("half a thou"),), meta={"aborted": True}),
-        _user("Go on."),
+        user("Go on."),
     ]
     tool = ToolSpec("lookup", "Looks things up.", {"type": "object", "properties": {}})
-    request = ModelRequest(
+    turn = ModelRequest(
         messages=history, tools=[tool], system="Be brief.", thinking=True, max_tokens=8000
     )
     async with _mock_model(handler) as model:
-        await _collect(model, request)
+        await collect(model, turn)
     (body,) = sent
     assert body["model"] == "claude-test"
     assert body["stream"] is True
@@ -254,7 +242,7 @@ async def test_thinking_budget_keeps_the_api_minimum(autojump_clock: Any) -> Non
         return _ok(_text_reply("Done."))
 
     async with _mock_model(handler) as model:
-        await _collect(model, _request(thinking=True, max_tokens=1500))
+        await collect(model, request(thinking=True, max_tokens=1500))
     assert sent[0]["thinking"] == {"type": "enabled", "budget_tokens": 1024}
     assert sent[0]["max_tokens"] == 2048
 
@@ -320,7 +308,7 @@ async def test_maps_provider_errors(
 ) -> None:
     async with _mock_model(lambda request: response) as model:
         with pytest.raises(ModelError) as caught:
-            await _collect(model, _request())
+            await collect(model, request())
     assert caught.value.kind == kind
     message = str(caught.value)
     assert message.endswith(".") and FAKE_KEY not in message
@@ -330,7 +318,7 @@ async def test_rate_limit_carries_retry_after(autojump_clock: Any) -> None:
     response = _status(429, "Slow down", "rate_limit_error", **{"retry-after": "7"})
     async with _mock_model(lambda request: response) as model:
         with pytest.raises(ModelError) as caught:
-            await _collect(model, _request())
+            await collect(model, request())
     assert (caught.value.kind, caught.value.retry_after) == ("rate_limit", 7.0)
     assert "after 7 seconds" in str(caught.value)
 
@@ -341,7 +329,7 @@ async def test_connection_error_is_unavailable(autojump_clock: Any) -> None:
 
     async with _mock_model(handler) as model:
         with pytest.raises(ModelError) as caught:
-            await _collect(model, _request())
+            await collect(model, request())
     assert caught.value.kind == "unavailable"
     assert "http://anthropic.test" in str(caught.value)
 
@@ -356,7 +344,7 @@ async def test_server_errors_are_retried_by_the_sdk(autojump_clock: Any) -> None
         return _ok(_text_reply("Fine."))
 
     async with _mock_model(handler, max_retries=2) as model:
-        events = await _collect(model, _request())
+        events = await collect(model, request())
     assert TextChunk("Fine.") in events
     assert len(attempts) == 3 and attempts[-1] > attempts[0]  # with a backoff between
 
@@ -366,7 +354,7 @@ async def test_a_refusal_reports_usage_first(autojump_clock: Any) -> None:
     seen: list[ModelEvent] = []
     async with _mock_model(lambda request: _ok(body)) as model:
         with pytest.raises(ModelError, match="declined"):
-            async with model.stream(_request()) as events:
+            async with model.stream(request()) as events:
                 async for event in events:
                     seen.append(event)
     assert seen == [UsageReport(input_tokens=12), UsageReport(output_tokens=3)]
@@ -378,14 +366,14 @@ async def test_leaving_the_loop_early_leaves_no_generator_behind(autojump_clock:
     error here, pyproject's filterwarnings)."""
     body = _text_reply(*(f"w{i} " for i in range(50)))
     async with _mock_model(lambda request: _ok(body)) as model:
-        async with model.stream(_request()) as events:
+        async with model.stream(request()) as events:
             async for event in events:
                 if isinstance(event, TextChunk):
                     break
         del events
         gc.collect()
         await trio.sleep(0.1)  # any finalizer would run (and warn) now
-        assert TextChunk("w49 ") in await _collect(model, _request())
+        assert TextChunk("w49 ") in await collect(model, request())
 
 
 async def test_key_stays_out_of_reprs_and_errors(autojump_clock: Any) -> None:
@@ -393,7 +381,7 @@ async def test_key_stays_out_of_reprs_and_errors(autojump_clock: Any) -> None:
     async with _mock_model(lambda request: response) as model:
         assert FAKE_KEY not in repr(model)
         with pytest.raises(ModelError) as caught:
-            await _collect(model, _request())
+            await collect(model, request())
     assert FAKE_KEY not in str(caught.value) and FAKE_KEY not in repr(caught.value)
     assert "[redacted]" in str(caught.value)
 
@@ -418,7 +406,7 @@ async def test_key_and_base_url_come_from_the_environment(
     monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://from-env.test")
     client = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
     async with open_anthropic(model="claude-test", http_client=client) as model:
-        await _collect(model, _request())
+        await collect(model, request())
     assert any(FAKE_KEY in value for value in seen[0].headers.values())
     assert str(seen[0].url) == "http://from-env.test/v1/messages"
 
@@ -436,7 +424,7 @@ async def _sim_model(sim: Any, *, max_retries: int = 0) -> AsyncIterator[Anthrop
 
 async def _complete_turn(model: AnthropicModel) -> None:
     """The model (and its pooled client) still serves a whole turn."""
-    events = await _collect(model, _request("#sim words=3 rate=1000"))
+    events = await collect(model, request("#sim words=3 rate=1000"))
     assert [e for e in events if isinstance(e, TextChunk)] != []
     assert events[-1] == TurnEnd("end_turn")
 
@@ -444,7 +432,7 @@ async def _complete_turn(model: AnthropicModel) -> None:
 async def test_sim_maps_thinking_text_and_usage(sim: Any, io_bound: float) -> None:
     with trio.fail_after(io_bound):
         async with _sim_model(sim) as model:
-            events = await _collect(model, _request("#sim words=5 rate=1000", thinking=True))
+            events = await collect(model, request("#sim words=5 rate=1000", thinking=True))
         (record,) = await sim.wait_closed()
     assert record.closed_by == "server"
     usage = [e for e in events if isinstance(e, UsageReport)]
@@ -458,10 +446,10 @@ async def test_sim_maps_thinking_text_and_usage(sim: Any, io_bound: float) -> No
 
 async def test_sim_maps_a_tool_call_and_takes_its_result(sim: Any, io_bound: float) -> None:
     tool = ToolSpec("lookup", "Looks things up.", {"type": "object"})
-    prompt = _user("#sim tool=lookup rate=1000")
+    prompt = user("#sim tool=lookup rate=1000")
     with trio.fail_after(io_bound):
         async with _sim_model(sim) as model:
-            first = await _collect(model, ModelRequest(messages=[prompt], tools=[tool]))
+            first = await collect(model, ModelRequest(messages=[prompt], tools=[tool]))
             begin = next(e for e in first if isinstance(e, ToolCallBegin))
             end = next(e for e in first if isinstance(e, ToolCallEnd))
             fragments = [e.fragment for e in first if isinstance(e, ToolCallArgs)]
@@ -474,7 +462,7 @@ async def test_sim_maps_a_tool_call_and_takes_its_result(sim: Any, io_bound: flo
                 Message("assistant", (ToolUseBlock(begin.id, "lookup", end.arguments),)),
                 Message("tool", (ToolResultBlock(begin.id, "42"),)),
             ]
-            second = await _collect(model, ModelRequest(messages=history, tools=[tool]))
+            second = await collect(model, ModelRequest(messages=history, tools=[tool]))
     assert second[-1] == TurnEnd("end_turn")
 
 
@@ -537,7 +525,7 @@ async def test_sim_stop_closes_the_connection_and_the_client_serves_on(
     last_kind: type | None,
 ) -> None:
     tool = ToolSpec("lookup", "Looks things up.", {"type": "object"})
-    request = ModelRequest(messages=[_user(directive)], tools=[tool])
+    request = ModelRequest(messages=[user(directive)], tools=[tool])
     with trio.fail_after(io_bound):
         async with _sim_model(sim) as model:
             seen, stopped_at = await _stop_turn(model, request, stop_after, delay)
@@ -561,7 +549,7 @@ async def test_sim_stop_on_an_await_in_the_loop_body_still_closes_cleanly(
     with trio.fail_after(io_bound):
         async with _sim_model(sim) as model:
             with trio.CancelScope() as scope:
-                async with model.stream(_request("#sim words=1000 rate=20")) as events:
+                async with model.stream(request("#sim words=1000 rate=20")) as events:
                     async for event in events:
                         if isinstance(event, TextChunk):
                             stopped_at = time.monotonic()
@@ -605,7 +593,7 @@ async def test_stop_before_the_response_headers_closes_the_connection(io_bound: 
             ) as model:
                 with trio.CancelScope() as scope:
                     nursery.start_soon(_cancel_when_set, got_request, scope)
-                    await _collect(model, _request())
+                    await collect(model, request())
                 stopped_at = time.monotonic()
                 await hung_up.wait()
                 assert hung_up_at - stopped_at < 2.0
@@ -625,7 +613,7 @@ async def test_sim_stop_during_a_retry_backoff_is_immediate(sim: Any, io_bound: 
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_cancel_when_refused, sim, scope)
-                    await _collect(model, _request("#sim fail=429 retry_after=30"))
+                    await collect(model, request("#sim fail=429 retry_after=30"))
             assert scope.cancelled_caught
             ended_at = time.monotonic()
             (refused,) = sim.connections()  # no retry went out
@@ -657,7 +645,7 @@ async def test_sim_failures_map_to_error_kinds(
     with trio.fail_after(io_bound):
         async with _sim_model(sim, max_retries=max_retries) as model:
             with pytest.raises(ModelError) as caught:
-                await _collect(model, _request(directive))
+                await collect(model, request(directive))
             assert caught.value.kind == kind
             assert FAKE_KEY not in str(caught.value)
             if kind == "rate_limit":
@@ -671,9 +659,7 @@ async def test_real_provider_smoke(io_bound: float) -> None:
     model_name = os.environ.get("ANTHROPIC_MODEL", "claude-haiku-4-5")
     with trio.fail_after(io_bound):
         async with open_anthropic(model=model_name) as model:
-            events = await _collect(
-                model, _request("Reply with the single word: ok", max_tokens=64)
-            )
+            events = await collect(model, request("Reply with the single word: ok", max_tokens=64))
     assert any(isinstance(e, TextChunk) for e in events)
     assert isinstance(events[0], UsageReport) and events[0].input_tokens
     assert isinstance(events[-1], TurnEnd)

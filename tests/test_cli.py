@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import socket
 import subprocess
@@ -50,13 +49,6 @@ async def test_trio_agent_sim_serves_until_ctrl_c() -> None:
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """The children's environment: no token from the caller, no writes to the real home."""
-    env = {k: v for k, v in os.environ.items() if k != "TRIO_AGENT_TOKEN"}
-    return env | {"XDG_DATA_HOME": str(tmp_path / "data")}
 
 
 @attrs.frozen

@@ -19,8 +19,6 @@ from tests.test_cli import PROCESS_BOUND, read_rest, read_until, serving, some_w
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 PYTHON = [sys.executable, "-W", "error"]  # warnings are errors in the examples too
 WS_CLIENT = [*PYTHON, str(EXAMPLES / "ws_client.py")]
-# The gateway child's environment: no token from the caller (ws_client is sent none).
-GATEWAY_ENV = {k: v for k, v in os.environ.items() if k != "TRIO_AGENT_TOKEN"}
 
 
 def run_example(name: str, *args: str) -> str:
@@ -97,9 +95,9 @@ async def start_ws_client(nursery: trio.Nursery, url: str, *args: str) -> trio.P
     return await nursery.start(start)
 
 
-async def test_ws_client_streams_a_reply_to_its_final(tmp_path) -> None:
+async def test_ws_client_streams_a_reply_to_its_final(tmp_path, env) -> None:
     with trio.fail_after(PROCESS_BOUND):
-        async with serving(tmp_path, GATEWAY_ENV) as served, trio.open_nursery() as nursery:
+        async with serving(tmp_path, env) as served, trio.open_nursery() as nursery:
             client = await start_ws_client(
                 nursery, served.url, "--session", "s", "Hi.\n#sim words=6 rate=100"
             )
@@ -115,12 +113,14 @@ async def test_ws_client_streams_a_reply_to_its_final(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("when", ["thinking", "mid-text"])
-async def test_ws_client_ctrl_c_stops_the_run_and_reports_what_was_kept(tmp_path, when) -> None:
+async def test_ws_client_ctrl_c_stops_the_run_and_reports_what_was_kept(
+    tmp_path, env, when
+) -> None:
     message = (
         "Tell me.\n#sim think=30" if when == "thinking" else "Tell me.\n#sim words=400 rate=50"
     )
     with trio.fail_after(PROCESS_BOUND):
-        async with serving(tmp_path, GATEWAY_ENV) as served, trio.open_nursery() as nursery:
+        async with serving(tmp_path, env) as served, trio.open_nursery() as nursery:
             async with open_client(served.port) as watcher:
                 client = await start_ws_client(nursery, served.url, "--session", "s", message)
                 out, err = bytearray(), bytearray()

@@ -42,7 +42,7 @@ from runtime import validate_history
 from tests.conftest import IO_BOUND
 from tests.gateway_client import Client, Frame, connect_params, open_client
 from tests.gateway_stack import running_gateway, send
-from tests.test_cli import PROCESS_BOUND, env, serving  # noqa: F401 (env is a fixture)
+from tests.test_cli import PROCESS_BOUND, serving
 
 QUICK = "Hi.\n#sim words=3 rate=1000"
 ABORT_ON_DISCONNECT = "abort-on-disconnect"
@@ -198,7 +198,7 @@ async def test_a_locked_database_fails_the_run_and_the_server_goes_on(tmp_path: 
 @pytest.mark.slow
 async def test_a_full_disk_fails_the_run_and_history_survives(
     tmp_path: Path,
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
 ) -> None:
     with trio.fail_after(PROCESS_BOUND):
         async with serving(tmp_path, env) as served, open_client(served.port) as client:
@@ -387,7 +387,7 @@ async def wait_checkpointed(db: Path, run_id: str, text: str) -> None:
 @pytest.mark.slow
 async def test_sigkill_mid_stream_then_restart_keeps_the_checkpointed_partial(
     tmp_path: Path,
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
 ) -> None:
     with trio.fail_after(PROCESS_BOUND):
         async with serving(tmp_path, env) as served:

@@ -13,6 +13,7 @@ from adapters.openai_compat import open_openai_compat
 from adapters.sqlite_store import SQLiteStore
 from runtime import Runtime, validate_history
 from tests.gateway_client import connect_params, open_client
+from tests.gateway_stack import running_gateway, send
 from tests.openclaw_schema import check_frames
 
 THINK = "Hello?\n#sim think=60"
@@ -22,19 +23,10 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture
-async def stack(sim, nursery, tmp_path):
+async def stack(sim, tmp_path):
     """A gateway on a free port in front of a runtime on the sim and a SQLite file."""
-    async with open_openai_compat(model="sim", base_url=sim.base_url + "/v1") as model:
-        async with SQLiteStore(tmp_path / "gateway.db") as store:
-            async with Runtime(model=model, store=store) as rt:
-                gateway = Gateway(rt, tick_interval_ms=200)
-                port = await nursery.start(gateway.serve, "127.0.0.1", 0)
-                yield gateway, port, sim
-                gateway.shutdown()
-
-
-def send(session: str, message: str, key: str, **extra) -> dict:
-    return {"sessionKey": session, "message": message, "idempotencyKey": key, **extra}
+    async with running_gateway(tmp_path / "gateway.db", sim) as (gateway, port):
+        yield gateway, port, sim
 
 
 async def test_handshake_then_a_reply_streams_to_its_final(stack) -> None:

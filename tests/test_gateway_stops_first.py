@@ -13,13 +13,10 @@ from typing import Any
 
 import trio
 
-from adapters.gateway import Gateway
-from adapters.openai_compat import open_openai_compat
 from adapters.sqlite_store import SQLiteStore
-from runtime import Runtime
 from tests.conftest import IO_BOUND
 from tests.gateway_client import open_client
-from tests.gateway_stack import send
+from tests.gateway_stack import running_gateway, send
 
 
 class GatedStore:
@@ -40,21 +37,10 @@ class GatedStore:
         return await self._store.get_settings(session_key)
 
 
-async def serve(sim, tmp_path, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    async with open_openai_compat(model="sim", base_url=sim.base_url + "/v1") as model:
-        async with SQLiteStore(tmp_path / "gated.db") as sqlite:
-            store = GatedStore(sqlite)
-            async with Runtime(model=model, store=store) as rt:  # type: ignore[arg-type]
-                gateway = Gateway(rt, tick_interval_ms=200)
-                async with trio.open_nursery() as serving:
-                    port = await serving.start(gateway.serve, "127.0.0.1", 0)
-                    task_status.started((store, port))
-                    await trio.sleep_forever()
-
-
 async def test_a_stop_overtakes_a_send_stuck_in_the_queue(sim, tmp_path, nursery) -> None:
-    store, port = await nursery.start(serve, sim, tmp_path)
-    async with open_client(port) as client:
+    gated = running_gateway(tmp_path / "gated.db", sim, wrap_store=GatedStore)
+    async with gated as (gateway, port), open_client(port) as client:
+        store = gateway.runtime.store
         with trio.fail_after(IO_BOUND):
             await client.ok("chat.send", send("s", "Wait.\n#sim think=60", "silent"))
             answered = trio.Event()
@@ -71,12 +57,12 @@ async def test_a_stop_overtakes_a_send_stuck_in_the_queue(sim, tmp_path, nursery
             store.gate.set()
             await answered.wait()
             assert (await client.wait_chat("held-1", "final"))["payload"]["state"] == "final"
-    nursery.cancel_scope.cancel()
 
 
-async def test_a_stop_naming_a_queued_send_stops_that_run(sim, tmp_path, nursery) -> None:
-    store, port = await nursery.start(serve, sim, tmp_path)
-    async with open_client(port) as client:
+async def test_a_stop_naming_a_queued_send_stops_that_run(sim, tmp_path) -> None:
+    gated = running_gateway(tmp_path / "gated.db", sim, wrap_store=GatedStore)
+    async with gated as (gateway, port), open_client(port) as client:
+        store = gateway.runtime.store
         with trio.fail_after(IO_BOUND):
             answers: dict[str, Any] = {}
 
@@ -95,4 +81,3 @@ async def test_a_stop_naming_a_queued_send_stops_that_run(sim, tmp_path, nursery
             assert answers["chat.abort"]["aborted"] is True
             history = await client.ok("chat.history", {"sessionKey": "held"})
             assert history["liveRuns"] == []
-    nursery.cancel_scope.cancel()
