@@ -2,11 +2,22 @@
 
 One connection is kept for the store's life (WAL, ``synchronous=NORMAL``: a commit costs
 about 0.3 ms through a thread, where opening a connection per call costs about 2.4 ms).
-Every call runs in a worker thread, one at a time, so the event loop never blocks.
+Every call runs in the store's own worker thread (its own ``CapacityLimiter``, so tools'
+threads, hung or not, never hold it up), one at a time, so the event loop never blocks;
+rows are decoded there too, so a long history is not parsed on the loop.
+
 Waiting for the connection can be cancelled; a statement that has started is not
-interrupted and its result is returned even if a cancel arrives meanwhile, so a caller
+abandoned, and its result is returned even if a cancel arrives meanwhile, so a caller
 never sees "cancelled" for a write that was in fact committed (the stop commit relies on
-this to report truthfully whether the partial was saved).
+this to report truthfully whether the partial was saved). A *deadline* is kept, though:
+SQLite's lock wait is cut to the time left, and a statement still running at the
+deadline is interrupted (``sqlite3_interrupt``), which rolls its transaction back and
+raises. So a stop commit under ``move_on_after(commit_timeout)`` ends by that bound, and
+"not saved" is the truth when it says so.
+
+Writes are idempotent by run id: ``commit_run`` for a run whose final record is already
+written does nothing, so a commit retried after an uncertain failure never doubles a
+message, and ``rollback`` removes a run's prompt whether or not it was written.
 
 Failures are mapped to ``SQLiteStoreError`` in ``SQLiteStore._error`` only, with a
 sentence that says what happened (locked by another connection, disk full, I/O error).
@@ -18,6 +29,7 @@ would vanish at the next restart.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -56,6 +68,12 @@ CREATE TABLE IF NOT EXISTS runs (
     checkpoint TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    fragment TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkpoints_by_run ON checkpoints (run_id, id);
 """
 
 
@@ -72,10 +90,13 @@ class SQLiteStore:
     busy_timeout: float = 5.0
     _connection: sqlite3.Connection | None = attrs.field(default=None, init=False)
     _turn: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+    _limiter: trio.CapacityLimiter = attrs.field(
+        factory=lambda: trio.CapacityLimiter(1), init=False
+    )
     _file_id: tuple[int, int] | None = attrs.field(default=None, init=False)
 
     async def __aenter__(self) -> SQLiteStore:
-        self._connection = await trio.to_thread.run_sync(self._open)
+        self._connection = await trio.to_thread.run_sync(self._open, limiter=self._limiter)
         return self
 
     async def __aexit__(
@@ -88,7 +109,7 @@ class SQLiteStore:
         if connection is not None:
             with trio.CancelScope(shield=True):
                 async with self._turn:
-                    await trio.to_thread.run_sync(connection.close)
+                    await trio.to_thread.run_sync(connection.close, limiter=self._limiter)
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,13 +126,26 @@ class SQLiteStore:
         connection = self._connection
         if connection is None:
             raise RuntimeError("Use the SQLiteStore inside 'async with' before calling it.")
+        deadline = trio.current_effective_deadline()
         async with self._turn:
-            with trio.CancelScope(shield=True):
+            wait = min(self.busy_timeout, max(deadline - trio.current_time(), 0.0))
+
+            def call() -> tuple[bool, Any]:
+                connection.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
                 try:
-                    result = await trio.to_thread.run_sync(fn, connection)
+                    return True, fn(connection)
                 except sqlite3.Error as exc:
-                    raise self._error(exc) from exc
-        return result
+                    return False, exc
+
+            with trio.CancelScope(shield=True):
+                async with trio.open_nursery() as nursery:
+                    if deadline < math.inf:
+                        nursery.start_soon(_interrupt_at, connection, deadline)
+                    ok, result = await trio.to_thread.run_sync(call, limiter=self._limiter)
+                    nursery.cancel_scope.cancel()
+        if not ok:
+            raise self._error(result) from result
+        return result  # type: ignore[no-any-return]
 
     async def _transaction(self, fn: Callable[[sqlite3.Connection], object]) -> None:
         def run(connection: sqlite3.Connection) -> None:
@@ -141,6 +175,11 @@ class SQLiteStore:
                 f"{where} is locked by another connection (waited {self.busy_timeout:g} s). "
                 "Stop the other program that holds it, or raise busy_timeout."
             )
+        if name == "SQLITE_INTERRUPT":
+            return SQLiteStoreError(
+                f"{where} did not finish the write in the time it was given, so it was "
+                "rolled back and nothing of it was saved."
+            )
         if name == "SQLITE_FULL":
             return SQLiteStoreError(
                 f"{where} is full: the disk has no room left. Free space, then try again."
@@ -150,7 +189,7 @@ class SQLiteStore:
                 f"{where} could not be read or written ({exc}): the disk may be full, or "
                 "the file size limit reached. Free space or check the disk, then try again."
             )
-        return SQLiteStoreError(f"{where} failed: {exc} ({name or type(exc).__name__}).")
+        return SQLiteStoreError(f"{where} failed: {exc}.")
 
     # -- the Store port -----------------------------------------------------------
 
@@ -180,15 +219,16 @@ class SQLiteStore:
         return [row[0] for row in rows]
 
     async def history(self, session_key: str, limit: int | None = None) -> list[Message]:
-        def read(c: sqlite3.Connection) -> list[Any]:
+        def read(c: sqlite3.Connection) -> list[Message]:
             if limit is None:
                 sql = "SELECT body FROM messages WHERE session_key = ? ORDER BY id"
-                return c.execute(sql, (session_key,)).fetchall()
-            sql = "SELECT body FROM messages WHERE session_key = ? ORDER BY id DESC LIMIT ?"
-            return c.execute(sql, (session_key, limit)).fetchall()[::-1]
+                rows = c.execute(sql, (session_key,)).fetchall()
+            else:
+                sql = "SELECT body FROM messages WHERE session_key = ? ORDER BY id DESC LIMIT ?"
+                rows = c.execute(sql, (session_key, limit)).fetchall()[::-1]
+            return [converter.structure(json.loads(row[0]), Message) for row in rows]
 
-        rows = await self._run(read)
-        return [converter.structure(json.loads(row[0]), Message) for row in rows]
+        return await self._run(read)
 
     async def begin_run(self, record: RunRecord, prompt: Message) -> None:
         def write(c: sqlite3.Connection) -> None:
@@ -201,8 +241,9 @@ class SQLiteStore:
     async def checkpoint_runs(self, checkpoints: Mapping[str, str]) -> None:
         def write(c: sqlite3.Connection) -> None:
             c.executemany(
-                "UPDATE runs SET checkpoint = ? WHERE run_id = ? AND status = 'running'",
-                [(checkpoint, run_id) for run_id, checkpoint in checkpoints.items()],
+                "INSERT INTO checkpoints (run_id, fragment) SELECT ?, ? WHERE EXISTS "
+                "(SELECT 1 FROM runs WHERE run_id = ? AND status = 'running')",
+                [(run_id, fragment, run_id) for run_id, fragment in checkpoints.items()],
             )
 
         await self._transaction(write)
@@ -211,29 +252,32 @@ class SQLiteStore:
         self, record: RunRecord, items: Sequence[Message], *, rollback: bool
     ) -> None:
         def write(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT status FROM runs WHERE run_id = ?", (record.run_id,))
+            if (status := row.fetchone()) is not None and status[0] != "running":
+                return  # committed already: a retry after an uncertain failure
             _touch(c, record.session_key)
             if rollback:
                 c.execute("DELETE FROM messages WHERE run_id = ?", (record.run_id,))
             _append(c, record.session_key, items)
             _put_run(c, attrs.evolve(record, checkpoint=None))
+            c.execute("DELETE FROM checkpoints WHERE run_id = ?", (record.run_id,))
 
         await self._transaction(write)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
-        row = await self._run(
-            lambda c: c.execute(
-                "SELECT body, checkpoint FROM runs WHERE run_id = ?", (run_id,)
-            ).fetchone()
-        )
-        return None if row is None else _record(row)
+        def read(c: sqlite3.Connection) -> RunRecord | None:
+            sql = f"{_RECORD_SELECT} WHERE run_id = ?"
+            row = c.execute(sql, (run_id,)).fetchone()
+            return None if row is None else _record(c, row)
+
+        return await self._run(read)
 
     async def running_runs(self) -> list[RunRecord]:
-        rows = await self._run(
-            lambda c: c.execute(
-                "SELECT body, checkpoint FROM runs WHERE status = 'running'"
-            ).fetchall()
-        )
-        return [_record(row) for row in rows]
+        def read(c: sqlite3.Connection) -> list[RunRecord]:
+            rows = c.execute(f"{_RECORD_SELECT} WHERE status = 'running'").fetchall()
+            return [_record(c, row) for row in rows]
+
+        return await self._run(read)
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
@@ -276,9 +320,32 @@ def _put_run(c: sqlite3.Connection, record: RunRecord) -> None:
     )
 
 
-def _record(row: Any) -> RunRecord:
-    record = converter.structure(json.loads(row[0]), RunRecord)
-    return attrs.evolve(record, checkpoint=row[1])
+_RECORD_SELECT = "SELECT run_id, session_key, status, body, checkpoint FROM runs"
+
+
+def _record(c: sqlite3.Connection, row: Any) -> RunRecord:
+    """A record from its row, with its checkpoint: the whole-state column of older
+    versions, then the fragments. A body that cannot be read (a corrupt row, a format
+    this version does not know) still gives a record, from the row's own columns, so
+    that recovery can close that run rather than refuse to start."""
+    run_id, session_key, status, body, legacy = row
+    sql = "SELECT fragment FROM checkpoints WHERE run_id = ? ORDER BY id"
+    fragments = [f for (f,) in c.execute(sql, (run_id,))]
+    checkpoint = "\n".join(f for f in (legacy, *fragments) if f) or None
+    try:
+        record = converter.structure(json.loads(body), RunRecord)
+    except Exception as exc:
+        error = f"This run's record could not be read ({exc}); only its ids were kept."
+        record = RunRecord(
+            run_id=run_id, session_key=session_key, status=status, started_at=0.0, error=error
+        )
+    return attrs.evolve(record, checkpoint=checkpoint)
+
+
+async def _interrupt_at(connection: sqlite3.Connection, deadline: float) -> None:
+    """Interrupt the statement running at ``deadline``: see the module docstring."""
+    await trio.sleep_until(deadline)
+    connection.interrupt()
 
 
 def default_db_path() -> Path:

@@ -6,10 +6,12 @@ the partial reply, repairs the history and emits exactly one terminal event.
 """
 
 from ._bus import Subscription as Subscription
+from ._errors import AbortRefused as AbortRefused
 from ._errors import AgentRuntimeError as AgentRuntimeError
 from ._errors import InvalidRequest as InvalidRequest
 from ._errors import RunExists as RunExists
 from ._errors import RunSessionMismatch as RunSessionMismatch
+from ._errors import RuntimeClosing as RuntimeClosing
 from ._errors import SessionBusy as SessionBusy
 from ._events import ConcurrencyPolicy as ConcurrencyPolicy
 from ._events import Event as Event

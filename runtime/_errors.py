@@ -39,3 +39,25 @@ class SessionBusy(AgentRuntimeError):
             "rejects new messages until it ends; stop it or wait."
         )
         self.live_run_id = live_run_id
+
+
+class AbortRefused(AgentRuntimeError):
+    """The run was started with ``allow_cancel=False``: no client may stop it. It still
+    ends by itself, at its run timeout, or when the runtime shuts down."""
+
+    def __init__(self, run_id: str):
+        super().__init__(
+            f"The run {run_id!r} was started with allowCancel false, so it cannot be "
+            "stopped; it ends by itself, at its timeout, or when the server shuts down."
+        )
+        self.run_id = run_id
+
+
+class RuntimeClosing(AgentRuntimeError):
+    """The runtime is shutting down and admits no new run."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The server is shutting down and accepts no new runs; send the message again "
+            "once it is back."
+        )

@@ -21,6 +21,8 @@ from ._model import ErrorKind
 StopPolicy = Literal["keep_partial", "rollback"]
 ConcurrencyPolicy = Literal["enqueue", "reject", "interrupt", "rollback"]
 ToolStatus = Literal["finished", "cancelled", "not_started"]
+# why a run failed: the model's error kinds, and ``store`` when its result was not saved
+FailureKind = ErrorKind | Literal["store"]
 
 STOP_POLICIES: tuple[StopPolicy, ...] = ("keep_partial", "rollback")
 CONCURRENCY_POLICIES: tuple[ConcurrencyPolicy, ...] = ("enqueue", "reject", "interrupt", "rollback")
@@ -152,7 +154,7 @@ class RunFailed:
     run_id: str
     session_key: str
     seq: int
-    error_kind: ErrorKind
+    error_kind: FailureKind
     error_message: str
 
 

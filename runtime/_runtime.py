@@ -10,14 +10,13 @@ produced and emits its one terminal event. Nothing else needs to know how it sto
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics as stats
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, contextmanager
 from types import TracebackType
 from typing import Any, Literal, final
 
@@ -25,12 +24,21 @@ import attrs
 import trio
 
 from ._bus import DEFAULT_CAPACITY, EventBus, Subscription
-from ._errors import InvalidRequest, RunExists, RunSessionMismatch, SessionBusy
+from ._context import MAX_HISTORY_READ, fit_context
+from ._errors import (
+    AbortRefused,
+    InvalidRequest,
+    RunExists,
+    RunSessionMismatch,
+    RuntimeClosing,
+    SessionBusy,
+)
 from ._events import (
     CONCURRENCY_POLICIES,
     STOP_POLICIES,
     ConcurrencyPolicy,
     Event,
+    FailureKind,
     RunCancelled,
     RunFailed,
     RunFinished,
@@ -44,11 +52,10 @@ from ._events import (
     ThinkingDelta,
     ToolCallFinished,
     ToolCallStarted,
-    converter,
 )
-from ._history import Message, TextBlock
-from ._model import ErrorKind, Model, ModelError, ModelRequest, TextChunk, ThinkingChunk
-from ._state import BUDGET_RESULT, PendingCall, RunState
+from ._history import InvalidHistory, Message, TextBlock, validate_history
+from ._model import Model, ModelError, ModelRequest, TextChunk, ThinkingChunk
+from ._state import BUDGET_RESULT, PendingCall, RunState, encode_fragment
 from ._store import MemoryStore, RunRecord, RunStatus, Store
 from ._tools import Tool, call_tool
 
@@ -65,6 +72,8 @@ STOP_COMMANDS = frozenset({"/stop", "stop"})
 class AbortResult:
     aborted: bool
     run_ids: tuple[str, ...]
+    # live runs the abort left alone because they were started with allow_cancel=False
+    refused: tuple[str, ...] = ()
 
 
 @final
@@ -104,7 +113,13 @@ class Run:
     _phase: Phase = attrs.field(default="queued", init=False)
     _abort_reason: str | None = attrs.field(default=None, init=False)
     _abort_at: float | None = attrs.field(default=None, init=False)
-    _prompt_stored: bool = attrs.field(default=False, init=False)
+    # begin_run was called: from here the prompt may be in the store (even if the call
+    # was cancelled after its write), so a stop that hands the prompt back removes it.
+    _begun: bool = attrs.field(default=False, init=False)
+    _prompt_stored: bool = attrs.field(default=False, init=False)  # begin_run returned
+    # the current tool round's tasks: they live in the runtime's nursery (see _run_tools)
+    _tools_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _tools_done: trio.Event | None = attrs.field(default=None, init=False)
     _started_at: float = attrs.field(factory=time.time, init=False)
     _seq: int = attrs.field(default=0, init=False)
     _done: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -142,6 +157,7 @@ class Run:
         if policy is not None:
             self.stop_policy = policy
         self._scope.cancel(reason)
+        self._tools_scope.cancel(reason)
         return True
 
     def _final_record(self, status: RunStatus, stop_reason: str, **fields: Any) -> RunRecord:
@@ -180,6 +196,7 @@ class Runtime:
     max_tool_calls: int = 64
     run_timeout: float | None = None
     commit_timeout: float = 5.0
+    context_budget: int | None = 400_000
     checkpoint_interval: float = 0.25
     subscriber_capacity: int = DEFAULT_CAPACITY
     on_cancelled: StopHook | None = None
@@ -192,6 +209,12 @@ class Runtime:
     _exit_stack: AsyncExitStack | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _aborts: int = attrs.field(default=0, init=False)
+    _closing: bool = attrs.field(default=False, init=False)
+    _unsettled: dict[str, _Commit] = attrs.field(factory=dict, init=False)  # failed commits
+    # the checkpoint encoder's own thread: never waits behind tools' threads
+    _encoder: trio.CapacityLimiter = attrs.field(
+        factory=lambda: trio.CapacityLimiter(1), init=False
+    )
     _checkpointer: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _stop_latencies: deque[float] = attrs.field(factory=lambda: deque(maxlen=1000), init=False)
 
@@ -215,6 +238,7 @@ class Runtime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        self._closing = True  # start_run refuses from here: no run is admitted too late
         self._checkpointer.cancel()  # the runs' commits save their state from here
         for run in list(self._runs.values()):
             self._abort_run(run, "shutdown", None)
@@ -249,6 +273,8 @@ class Runtime:
         """
         if self._nursery is None:
             raise RuntimeError("Use the Runtime inside 'async with' before starting runs.")
+        if self._closing:
+            raise RuntimeClosing()
         if not isinstance(session_key, str) or not session_key.strip():
             raise InvalidRequest("sessionKey is empty; name the session to send to.")
         if not isinstance(message, str) or not message.strip():
@@ -273,7 +299,9 @@ class Runtime:
         finally:
             self._admitting.pop(run_id).set()
         # From here to the end: no await, so admission and registration are atomic.
-        chain = self._sessions.setdefault(session_key, [])
+        if self._closing:  # shutdown began while this admission awaited the store
+            raise RuntimeClosing()
+        chain = self._sessions.get(session_key, [])
         policy = concurrency or settings.concurrency
         if chain and policy == "reject":
             raise SessionBusy(session_key, chain[0].run_id)
@@ -288,13 +316,14 @@ class Runtime:
             context,
             tuple(chain),
         )
-        if chain and policy in ("interrupt", "rollback"):
-            live = chain[0]
+        if chain and policy in ("interrupt", "rollback") and chain[0].allow_cancel:
+            live = chain[0]  # one that does not allow cancel is waited for, as under enqueue
             self._abort_run(
                 live, "interrupted", "rollback" if policy == "rollback" else "keep_partial"
             )
         self._runs[run_id] = run
-        chain.append(run)
+        self._sessions.setdefault(session_key, chain).append(run)
+        self._publish(run, StreamOptions, allow_cancel=run.allow_cancel)
         if run._ahead:
             self._publish(run, RunQueued, prompt=message, behind=run._ahead[-1].run_id)
         self._nursery.start_soon(self._drive, run, name=f"run {run_id}")
@@ -313,6 +342,9 @@ class Runtime:
         Synchronous: when it returns, the runs' scopes are cancelled. A run that is
         unknown, finished, or already committing is not aborted (``aborted=False``); a
         live run of another session than ``session_key`` raises RunSessionMismatch.
+        A run started with ``allow_cancel=False`` is stopped only by ``reason="shutdown"``:
+        named by id it raises AbortRefused; a session-wide abort leaves it running and
+        lists it in ``refused``.
         """
         _check_choice("stop policy", stop_policy, STOP_POLICIES)
         if run_id is not None:
@@ -321,13 +353,20 @@ class Runtime:
                 return AbortResult(False, ())
             if session_key is not None and run.session_key != session_key:
                 raise RunSessionMismatch(run_id, session_key)
+            if not run.allow_cancel and reason != "shutdown":
+                raise AbortRefused(run_id)
             runs = [run]
         elif session_key is not None:
             runs = list(self._sessions.get(session_key, ()))
         else:
             raise InvalidRequest("Name a run id or a session key to abort.")
-        aborted = tuple(r.run_id for r in runs if self._abort_run(r, reason, stop_policy))
-        return AbortResult(bool(aborted), aborted)
+        refused = tuple(r.run_id for r in runs if not r.allow_cancel and reason != "shutdown")
+        aborted = tuple(
+            r.run_id
+            for r in runs
+            if r.run_id not in refused and self._abort_run(r, reason, stop_policy)
+        )
+        return AbortResult(bool(aborted), aborted, refused)
 
     def subscribe(self, session_key: str | None = None) -> Subscription:
         """Events of one session (or all when None): ``with rt.subscribe(key) as events:``
@@ -373,7 +412,7 @@ class Runtime:
         return True
 
     async def _drive(self, run: Run) -> None:
-        failure: tuple[ErrorKind, str] | None = None
+        failure: tuple[FailureKind, str] | None = None
         outer: BaseException | None = None
         finish_reason = "end_turn"
         try:
@@ -386,12 +425,15 @@ class Runtime:
                 finish_reason = await self._execute(run)
         except ModelError as exc:
             failure = (exc.kind, str(exc))
+        except StoreFailed as exc:
+            failure = ("store", str(exc))
         except Exception as exc:
             logger.exception("run failed session=%s run=%s", run.session_key, run.run_id)
             failure = ("unknown", f"The run failed unexpectedly: {type(exc).__name__}: {exc}")
         except BaseException as exc:  # Cancelled from outside the run: the runtime is closing
             outer = exc
         run._phase = "committing"
+        run._tools_scope.cancel()
         exited_at = trio.current_time()
         reason = run._abort_reason
         if reason is None and outer is not None:
@@ -406,26 +448,17 @@ class Runtime:
                 reason,
                 _ms(exited_at, run._abort_at or exited_at),
             )
+        # One bound for the whole stop, from the scope's exit to the terminal event: the
+        # tools' clean-up gets half of it, the store write the rest (SQLiteStore interrupts
+        # a statement at the deadline, so the bound holds while the database is locked).
         with trio.move_on_after(self.commit_timeout, shield=True):
-            try:
-                if reason is not None:
-                    await self._commit_stop(run, reason, exited_at)
-                elif failure is not None:
-                    await self._commit_failure(run, *failure)
-                else:
-                    await self._commit_finish(run, finish_reason)
-            except Exception as exc:
-                logger.exception("commit failed session=%s run=%s", run.session_key, run.run_id)
-                run._terminal = None
-                self._emit_terminal(
-                    run,
-                    RunFailed,
-                    error_kind="store",
-                    error_message=(
-                        f"The run's result could not be saved: {type(exc).__name__}: {exc}"
-                    ),
-                )
-        if run._terminal is None:  # the commit ran out of time
+            if run._tools_done is not None:
+                with trio.move_on_after(self.commit_timeout / 2):
+                    await run._tools_done.wait()
+            plan = self._plan(run, reason, failure, finish_reason, exited_at)
+            await self._commit(run, plan)
+        if run._terminal is None:  # the commit ran out of time: it may yet have landed
+            self._unsettled[run.run_id] = plan
             self._emit_terminal(
                 run,
                 RunFailed,
@@ -453,11 +486,14 @@ class Runtime:
             status="running",
             started_at=run._started_at,
         )
-        await self.store.begin_run(record, prompt)
+        run._begun = True
+        with _store_call("save the prompt"):
+            await self.store.begin_run(record, prompt)
         run._prompt_stored = True
-        history = await self.store.history(run.session_key)
+        with _store_call("read the session's history"):
+            stored = await self.store.history(run.session_key, limit=MAX_HISTORY_READ)
+        history = fit_context(stored, self.context_budget)
         self._publish(run, RunStarted, prompt=run.prompt)
-        self._publish(run, StreamOptions, allow_cancel=run.allow_cancel)
         state = run._state
         tools = [tool.spec for tool in self.tools]
         while True:
@@ -483,12 +519,34 @@ class Runtime:
             budget = self.max_tool_calls - state.tool_calls
             for call in calls[max(budget, 0) :]:
                 call.result, call.is_error = BUDGET_RESULT, True
-            async with trio.open_nursery() as nursery:
-                for call in calls[: max(budget, 0)]:
-                    nursery.start_soon(self._run_tool, run, call)
+            await self._run_tools(run, calls[: max(budget, 0)])
             state.end_tool_round()
             if budget < len(calls):
                 return "max_tool_calls"
+
+    async def _run_tools(self, run: Run, calls: Sequence[PendingCall]) -> None:
+        """Run one turn's tool calls at once and wait for all of them.
+
+        The tasks live in the runtime's nursery under the run's tools scope, not in the
+        run's own scope: a stop cancels them too, but the run leaves its scope at once,
+        and a tool that ignores cancellation (a shielded clean-up, a process that will
+        not die) holds the stop commit for at most half of ``commit_timeout``. A result
+        that arrives after the stop began is dropped (see ``_run_tool``).
+        """
+        assert self._nursery is not None
+        run._tools_scope = trio.CancelScope()  # a scope is entered once: one per round
+        run._tools_done = done = trio.Event()
+        self._nursery.start_soon(self._tool_round, run, calls, done, name=f"tools {run.run_id}")
+        await done.wait()
+
+    async def _tool_round(self, run: Run, calls: Sequence[PendingCall], done: trio.Event) -> None:
+        try:
+            with run._tools_scope:
+                async with trio.open_nursery() as nursery:
+                    for call in calls:
+                        nursery.start_soon(self._run_tool, run, call)
+        finally:
+            done.set()
 
     async def _run_tool(self, run: Run, call: PendingCall) -> None:
         assert call.arguments is not None
@@ -500,6 +558,14 @@ class Runtime:
         content, is_error = await call_tool(
             self._tools_by_name.get(call.name), call.name, call.arguments
         )
+        if run._phase != "running":  # the stop began while it ran: it counts as cancelled
+            logger.warning(
+                "tool result after the stop dropped session=%s run=%s tool=%s",
+                run.session_key,
+                run.run_id,
+                call.name,
+            )
+            return
         call.result, call.is_error, call.state = content, is_error, "done"
         run._state.version += 1
         self._publish(
@@ -512,89 +578,156 @@ class Runtime:
         )
 
     async def _checkpoint_loop(self) -> None:
-        """Every ``checkpoint_interval``, save the state of each running run that changed,
-        in one store call, so a crash loses at most that much of the streamed text. One
-        task for all runs: a timer per run would cost thousands of wake-ups a second.
-        A failed save (a locked or full database) is logged and tried again next time: it
-        must not end this task, whose failure would take the runtime and its runs down."""
+        """Every ``checkpoint_interval``, save what each running run added since its last
+        save, in one store call, so a crash loses at most that much of the streamed text.
+        One task for all runs: a timer per run would cost thousands of wake-ups a second.
+        Fragments are encoded in a thread, so a large tool result does not hold the loop.
+        A failed save (a locked or full database) is logged and its fragments are sent
+        again next time, as are final commits that failed (see ``_settle``): it must not
+        end this task, whose failure would take the runtime and its runs down."""
         with self._checkpointer:
             while True:
                 await trio.sleep(self.checkpoint_interval)
-                snapshots = {}
+                for plan in list(self._unsettled.values()):
+                    with _logged("saving a run that could not be saved before"):
+                        await self._settle(plan)
+                pending = {}
                 for run in self._runs.values():
-                    if run._prompt_stored and run._state.version != run._checkpointed:
-                        if run.phase == "running":
-                            run._checkpointed = run._state.version
-                            snapshots[run.run_id] = json.dumps(converter.unstructure(run._state))
-                if snapshots:
-                    try:
-                        await self.store.checkpoint_runs(snapshots)
-                    except Exception as exc:
-                        logger.warning("checkpoint failed, to be retried: %s", exc)
-                        for run_id in snapshots:
-                            if (unsaved := self._runs.get(run_id)) is not None:
-                                unsaved._checkpointed = -1
+                    state = run._state
+                    if run._prompt_stored and run.phase == "running":
+                        if state.version != run._checkpointed:
+                            pending[run.run_id] = (run, state.version, *state.checkpoint_fragment())
+                if not pending:
+                    continue
+                with _logged("checkpoint failed, to be retried"):
+                    encoded = await trio.to_thread.run_sync(
+                        _encode_all, {k: v[2] for k, v in pending.items()}, limiter=self._encoder
+                    )
+                    await self.store.checkpoint_runs(encoded)
+                    for run, version, _, marks in pending.values():
+                        run._checkpointed = version
+                        run._state.fragment_saved(marks)
 
     # -- the commits: shielded by the caller, each ends in exactly one terminal event --
 
-    async def _commit_stop(self, run: Run, reason: str, exited_at: float) -> None:
+    def _plan(
+        self,
+        run: Run,
+        reason: str | None,
+        failure: tuple[FailureKind, str] | None,
+        finish_reason: str,
+        exited_at: float,
+    ) -> _Commit:
+        """What a run's end writes, and the terminal event that reports it."""
+        if reason is not None:
+            return self._stop_plan(run, reason, exited_at)
+        if failure is not None:
+            items, _ = run._state.close({"error": failure[0]})
+            record = run._final_record("failed", "error", error=failure[1])
+            failed = {"error_kind": failure[0], "error_message": failure[1]}
+            return _Commit(record, self._checked(run, items), False, RunFailed, failed)
+        items, _ = run._state.close({})
+        record = run._final_record("finished", finish_reason)
+        replies = [m for m in items if m.role == "assistant"]
+        fields: dict[str, Any] = {
+            "stop_reason": finish_reason,
+            "message": replies[-1] if replies else None,
+            "usage": record.usage,
+        }
+        return _Commit(record, self._checked(run, items), False, RunFinished, fields)
+
+    def _stop_plan(self, run: Run, reason: str, exited_at: float) -> _Commit:
         abort_at = run._abort_at if run._abort_at is not None else exited_at
         meta = {"aborted": True, "origin": reason, "run_id": run.run_id}
         items, receipt = run._state.close(meta)
-        restored = None
-        rollback = run._prompt_stored and run.stop_policy == "rollback"
-        if rollback or not run._prompt_stored:
-            items, restored = [], run.prompt
-        if self.on_cancelled is not None:
+        # The prompt is handed back exactly when it is not left in history: under rollback,
+        # and whenever begin_run had not returned (its write may or may not have happened,
+        # so the rollback by run_id, which is idempotent, removes it in either case).
+        handed_back = not run._prompt_stored or run.stop_policy == "rollback"
+        if handed_back:
+            items = []
+        elif self.on_cancelled is not None:
             try:
                 changed = self.on_cancelled(run, items, run.context)
             except Exception:
                 logger.exception("on_cancelled hook failed; saving the items unchanged")
             else:
-                items = items if changed is None else changed
+                if changed is not None and _valid_after_prompt(run, changed):
+                    items = changed
+                elif changed is not None:
+                    logger.error("on_cancelled returned invalid history; saving it unchanged")
         scope_ms = _ms(exited_at, abort_at)
         record = run._final_record("cancelled", reason, scope_exited_ms=scope_ms)
-        await self.store.commit_run(record, items, rollback=rollback)
-        committed_ms = _ms(trio.current_time(), abort_at)
-        self._stop_latencies.append(committed_ms)
-        logger.info(
-            "commit done session=%s run=%s reason=%s policy=%s ms=%.2f",
-            run.session_key,
-            run.run_id,
-            reason,
-            run.stop_policy,
-            committed_ms,
-        )
         kept = [m for m in items if m.role == "assistant" and m.meta.get("aborted")]
-        self._emit_terminal(
-            run,
-            RunCancelled,
-            reason=reason,
-            policy=run.stop_policy,
-            message=kept[-1] if kept else None,
-            receipt=receipt,
-            usage=record.usage,
-            timings=StopTimings(scope_ms, committed_ms),
-            restored_prompt=restored,
-        )
+        fields: dict[str, Any] = {
+            "reason": reason,
+            "policy": run.stop_policy,
+            "message": kept[-1] if kept else None,
+            "receipt": receipt,
+            "usage": record.usage,
+            "restored_prompt": run.prompt if handed_back else None,
+        }
+        rollback = handed_back and run._begun
+        return _Commit(record, self._checked(run, items), rollback, RunCancelled, fields, abort_at)
 
-    async def _commit_failure(self, run: Run, kind: ErrorKind, message: str) -> None:
-        items, _ = run._state.close({"error": kind})
-        record = run._final_record("failed", "error", error=message)
-        await self.store.commit_run(record, items, rollback=False)
-        self._emit_terminal(run, RunFailed, error_kind=kind, error_message=message)
+    def _checked(self, run: Run, items: list[Message]) -> list[Message]:
+        """Invariant 2, checked on every commit: items that would leave the history invalid
+        after the run's prompt are not written (logged as the bug they are)."""
+        if not items or _valid_after_prompt(run, items):
+            return items
+        logger.error("a run's items are not valid history; not saved run=%s", run.run_id)
+        return []
 
-    async def _commit_finish(self, run: Run, stop_reason: str) -> None:
-        items, _ = run._state.close({})
-        record = run._final_record("finished", stop_reason)
-        await self.store.commit_run(record, items, rollback=False)
-        replies = [m for m in items if m.role == "assistant"]
-        self._emit_terminal(
-            run,
-            RunFinished,
-            stop_reason=stop_reason,
-            message=replies[-1] if replies else None,
-            usage=record.usage,
+    async def _commit(self, run: Run, plan: _Commit) -> None:
+        """Write the plan and emit its terminal event; a failed write is reported as such
+        and tried again by the checkpoint task until the store takes it."""
+        try:
+            await self.store.commit_run(plan.record, plan.items, rollback=plan.rollback)
+        except Exception as exc:
+            logger.exception("commit failed session=%s run=%s", run.session_key, run.run_id)
+            self._unsettled[run.run_id] = plan
+            self._emit_terminal(
+                run,
+                RunFailed,
+                error_kind="store",
+                error_message=f"The run's result could not be saved: {exc}",
+            )
+            return
+        fields = plan.fields
+        if plan.abort_at is not None:  # a stop: its timings and its log line
+            committed_ms = _ms(trio.current_time(), plan.abort_at)
+            self._stop_latencies.append(committed_ms)
+            logger.info(
+                "commit done session=%s run=%s reason=%s policy=%s ms=%.2f",
+                run.session_key,
+                run.run_id,
+                fields["reason"],
+                run.stop_policy,
+                committed_ms,
+            )
+            timings = StopTimings(plan.record.scope_exited_ms or 0.0, committed_ms)
+            fields = {**fields, "timings": timings}
+        self._emit_terminal(run, plan.terminal, **fields)
+
+    async def _settle(self, plan: _Commit) -> None:
+        """Write a commit that failed before, or a dead process's run, without breaking
+        the history: if the session went on meanwhile, its items are set aside in the run
+        record instead of being appended after later turns."""
+        record, items = plan.record, plan.items
+        if items and not plan.rollback:
+            tail = await self.store.history(record.session_key, limit=1)
+            if not tail or tail[-1].meta.get("run_id") != record.run_id:
+                record = attrs.evolve(record, set_aside=tuple(items), error=SET_ASIDE)
+                items = []
+        await self.store.commit_run(record, items, rollback=plan.rollback)
+        self._unsettled.pop(record.run_id, None)
+        logger.info(
+            "settled run session=%s run=%s status=%s items=%d set_aside=%d",
+            record.session_key,
+            record.run_id,
+            record.status,
+            len(items),
+            len(record.set_aside),
         )
 
     def _emit_terminal(self, run: Run, kind: type[TerminalEvent], **fields: Any) -> None:
@@ -611,14 +744,25 @@ class Runtime:
 
     async def _recover_interrupted(self) -> None:
         """Close the runs a dead process left as running: each keeps its checkpointed
-        partial, marked interrupted, so the session's history is valid again."""
+        partial, marked interrupted, so the session's history is valid again. Each record
+        is handled on its own: one that cannot be read (a corrupt checkpoint, an older
+        format) is logged and closed as interrupted with nothing kept, and the service
+        starts all the same."""
         for record in await self.store.running_runs():
-            state = RunState(record.run_id)
-            if record.checkpoint:
-                state = converter.structure(json.loads(record.checkpoint), RunState)
-            items, _ = state.close(
-                {"aborted": True, "origin": "interrupted", "run_id": record.run_id}
-            )
+            meta = {"aborted": True, "origin": "interrupted", "run_id": record.run_id}
+            try:
+                state = RunState.from_checkpoint(record.run_id, record.checkpoint or "")
+                items, _ = state.close(meta)
+                prompt = Message("user", (TextBlock("."),), 0.0, {})
+                validate_history([prompt, *items])
+            except Exception as exc:
+                logger.error(
+                    "unreadable checkpoint, run closed with nothing kept session=%s run=%s: %s",
+                    record.session_key,
+                    record.run_id,
+                    exc,
+                )
+                state, items = RunState(record.run_id), []
             final = attrs.evolve(
                 record,
                 status="interrupted",
@@ -627,13 +771,61 @@ class Runtime:
                 usage=state.usage(),
                 checkpoint=None,
             )
-            await self.store.commit_run(final, items, rollback=False)
-            logger.info(
-                "recovered interrupted run session=%s run=%s items=%d",
-                record.session_key,
-                record.run_id,
-                len(items),
-            )
+            await self._settle(_Commit(final, items, False, RunCancelled, {}))
+
+
+@final
+@attrs.frozen
+class _Commit:
+    """What one run's end writes (record and items, rollback or not) and the terminal
+    event that reports it; ``abort_at`` is set for a stop, whose timings end at the write."""
+
+    record: RunRecord
+    items: list[Message]
+    rollback: bool
+    terminal: type[TerminalEvent]
+    fields: dict[str, Any]
+    abort_at: float | None = None
+
+
+SET_ASIDE = (
+    "The session went on before this run's result could be saved, so its messages were "
+    "set aside in this record rather than added after later turns."
+)
+
+
+def _valid_after_prompt(run: Run, items: Sequence[Message]) -> bool:
+    prompt = Message("user", (TextBlock(run.prompt),), 0.0, {"run_id": run.run_id})
+    try:
+        validate_history([prompt, *items])
+    except InvalidHistory:
+        return False
+    return True
+
+
+def _encode_all(fragments: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    return {run_id: encode_fragment(fragment) for run_id, fragment in fragments.items()}
+
+
+@contextmanager
+def _logged(what: str) -> Iterator[None]:
+    """Log a failure of the background work inside, and go on."""
+    try:
+        yield
+    except Exception as exc:
+        logger.warning("%s: %s", what, exc)
+
+
+class StoreFailed(Exception):
+    """A store call of the agent loop failed: the run fails with kind ``store``."""
+
+
+@contextmanager
+def _store_call(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        raise StoreFailed(f"The run could not {what}: {exc}") from exc
 
 
 def _check_choice(what: str, value: str | None, choices: Sequence[str]) -> None:

@@ -1,21 +1,24 @@
 """A run's progress, recorded synchronously as model events arrive.
 
 ``RunState`` is plain data: the agent loop updates it with no awaits (so a cancel never
-lands half-way through an update), the checkpoint task serialises it, and ``close``
-turns it into the history items a stop commits. Crash recovery deserialises a checkpoint
-and calls the same ``close``, so a run stopped by ``chat.abort`` and a run stopped by a
-dead process leave history in the same valid shape.
+lands half-way through an update), and ``close`` turns it into the history items a stop
+commits. The checkpoint task saves it incrementally: ``checkpoint_fragment`` returns only
+what changed since the last saved fragment (new messages, new text), so the bytes written
+per tick stay O(new output) however long the reply. Crash recovery replays the fragments
+(``from_checkpoint``) and calls the same ``close``, so a run stopped by ``chat.abort`` and
+a run stopped by a dead process leave history in the same valid shape.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import attrs
 
-from ._events import ToolReceipt, Usage
+from ._events import ToolReceipt, Usage, converter
 from ._history import (
     Block,
     Message,
@@ -83,6 +86,9 @@ class RunState:
     version: int = 0  # bumped on every change, so the checkpoint task skips idle ticks
     turns: int = 0
     tool_calls: int = 0
+    # how much of items, text, thinking and receipts the saved fragments hold, and of
+    # which turn (text and thinking start again at each turn)
+    saved: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
 
     def apply(self, event: ModelEvent) -> None:
         """Record one model event. Synchronous on purpose: see the module docstring."""
@@ -153,6 +159,75 @@ class RunState:
         receipts = (*self.receipts, *(self._receipt(c) for c in self.calls))
         return items, receipts
 
+    def checkpoint_fragment(self) -> tuple[dict[str, Any], tuple[int, int, int, int, int]]:
+        """What changed since the last saved fragment, and the marks to pass to
+        ``fragment_saved`` once it is written. Cheap and synchronous: the fragment holds
+        references (messages and strings are immutable; calls are copied), and
+        ``encode_fragment`` turns it into JSON off the event loop."""
+        items, text, thinking, turn, receipts = self.saved
+        if turn != self.turns:
+            text = thinking = 0
+        fragment = {
+            "turn": self.turns,
+            "items": self.items[items:],
+            "text": self.text[text:],
+            "thinking": self.thinking[thinking:],
+            "signature": self.thinking_signature,
+            "calls": [attrs.evolve(c) for c in self.calls],
+            "receipts": self.receipts[receipts:],
+            "usage": [
+                self.input_tokens,
+                self.output_tokens,
+                self.turn_input,
+                self.turn_output,
+                self.turn_chars,
+                self.estimated,
+            ],
+            "tool_calls": self.tool_calls,
+        }
+        marks = (
+            len(self.items),
+            len(self.text),
+            len(self.thinking),
+            self.turns,
+            len(self.receipts),
+        )
+        return fragment, marks
+
+    def fragment_saved(self, marks: tuple[int, int, int, int, int]) -> None:
+        self.saved = marks
+
+    @classmethod
+    def from_checkpoint(cls, run_id: str, checkpoint: str) -> RunState:
+        """Replay saved fragments (one JSON document a line). Raises ValueError (or a
+        cattrs error) for a checkpoint it cannot read. A line that holds a whole
+        ``RunState`` (the format before fragments) is read as it is."""
+        state = cls(run_id)
+        for line in checkpoint.splitlines():
+            doc = json.loads(line)
+            if "run_id" in doc:
+                state = converter.structure(doc, RunState)
+                continue
+            if doc["turn"] != state.turns:
+                state.text = state.thinking = ""
+                state.turns = doc["turn"]
+            state.items.extend(converter.structure(doc["items"], list[Message]))
+            state.text += doc["text"]
+            state.thinking += doc["thinking"]
+            state.thinking_signature = doc["signature"]
+            state.calls = converter.structure(doc["calls"], list[PendingCall])
+            state.receipts.extend(converter.structure(doc["receipts"], list[ToolReceipt]))
+            (
+                state.input_tokens,
+                state.output_tokens,
+                state.turn_input,
+                state.turn_output,
+                state.turn_chars,
+                state.estimated,
+            ) = doc["usage"]
+            state.tool_calls = doc["tool_calls"]
+        return state
+
     def reply_text(self) -> str:
         """The text of every turn so far: what subscribers have been sent as text deltas."""
         done = "".join(m.text for m in self.items if m.role == "assistant")
@@ -215,3 +290,14 @@ class RunState:
 
 def _add(a: int | None, b: int | None) -> int | None:
     return None if a is None and b is None else (a or 0) + (b or 0)
+
+
+def encode_fragment(fragment: Mapping[str, Any]) -> str:
+    """One fragment as one line of JSON. Run it in a thread: a tool result may be large."""
+    doc = {
+        **fragment,
+        "items": converter.unstructure(fragment["items"], list[Message]),
+        "calls": converter.unstructure(fragment["calls"], list[PendingCall]),
+        "receipts": converter.unstructure(fragment["receipts"], list[ToolReceipt]),
+    }
+    return json.dumps(doc, separators=(",", ":"))

@@ -4,6 +4,18 @@ A store keeps sessions (with their policies), history items and run records. Eve
 method that changes more than one thing does so in one transaction: ``begin_run`` writes
 the user's message with the run record, ``commit_run`` writes everything a run produced,
 its final record and (under rollback) removes its user message, all or nothing.
+
+What the runtime requires of a store, cancellation included:
+
+- A call cancelled before its write began writes nothing. Once its write began, it may
+  land or not: the runtime never trusts a flag set after an awaited write. A run whose
+  ``begin_run`` did not return is stopped with a rollback by run id, so its prompt is
+  removed if it was written and nothing happens if it was not.
+- ``commit_run`` is idempotent by run id: once a run's final record is written, another
+  ``commit_run`` for it does nothing (a commit retried after an uncertain failure never
+  doubles a message), and a rollback of messages that were never written is no error.
+- A call made under a deadline (``move_on_after``) should end by it, reporting the truth:
+  raise if the write did not land, return if it did.
 """
 
 from __future__ import annotations
@@ -55,8 +67,12 @@ class RunRecord:
     # commit's own time is in the RunCancelled event, as it ends after this is written)
     scope_exited_ms: float | None = None
     error: str | None = None
-    # JSON text of the run's state, written while it streams (see _state.Checkpoint)
+    # the run's state while it streams: fragments, one JSON document a line, each holding
+    # what changed since the one before (see RunState.checkpoint_fragment)
     checkpoint: str | None = None
+    # messages of a run whose session went on before they could be saved: kept here,
+    # out of the history, where they would have broken the order
+    set_aside: tuple[Message, ...] = ()
 
 
 class Store(Protocol):
@@ -75,15 +91,17 @@ class Store(Protocol):
     async def begin_run(self, record: RunRecord, prompt: Message) -> None: ...
 
     async def checkpoint_runs(self, checkpoints: Mapping[str, str]) -> None:
-        """Save running runs' states (run id -> checkpoint) in one call; a run already
-        committed is left as it is."""
+        """Append one checkpoint fragment to each running run (run id -> fragment), in
+        one call; a run already committed is left as it is. A run's ``checkpoint`` reads
+        back as its fragments in order, one a line."""
         ...
 
     async def commit_run(
         self, record: RunRecord, items: Sequence[Message], *, rollback: bool
     ) -> None:
-        """Finish a run: append ``items``, replace its record; with ``rollback``, also
-        remove every message of the run, its prompt included."""
+        """Finish a run: append ``items``, replace its record and drop its checkpoint;
+        with ``rollback``, also remove every message of the run, its prompt included.
+        Does nothing if the run's final record is already written."""
         ...
 
     async def get_run(self, run_id: str) -> RunRecord | None: ...
@@ -135,17 +153,20 @@ class MemoryStore:
         for run_id, checkpoint in checkpoints.items():
             record = self._runs.get(run_id)
             if record is not None and record.status == "running":
-                self._runs[run_id] = attrs.evolve(record, checkpoint=checkpoint)
+                saved = f"{record.checkpoint}\n{checkpoint}" if record.checkpoint else checkpoint
+                self._runs[run_id] = attrs.evolve(record, checkpoint=saved)
 
     async def commit_run(
         self, record: RunRecord, items: Sequence[Message], *, rollback: bool
     ) -> None:
         await trio.lowlevel.checkpoint()
+        if (done := self._runs.get(record.run_id)) is not None and done.status != "running":
+            return
         history = self._history.setdefault(record.session_key, [])
         if rollback:
             history[:] = [m for m in history if m.meta.get("run_id") != record.run_id]
         history.extend(items)
-        self._runs[record.run_id] = record
+        self._runs[record.run_id] = attrs.evolve(record, checkpoint=None)
         self._touch(record.session_key)
 
     async def get_run(self, run_id: str) -> RunRecord | None:

@@ -153,9 +153,16 @@ async def check_settled(rt: Runtime, model: object, session_key: str) -> list[Me
 
 
 async def run_and_abort_when(
-    rt: Runtime, run: Run, events: Subscription, ready: type | None, **abort: object
+    rt: Runtime,
+    run: Run,
+    events: Subscription,
+    ready: type | None,
+    *,
+    delay: float = 0,
+    **abort: object,
 ) -> list[Event]:
-    """Abort ``run`` as soon as an event of type ``ready`` arrives (at once when None)."""
+    """Abort ``run`` ``delay`` seconds after an event of type ``ready`` arrives (at once
+    when None)."""
     seen: list[Event] = []
     if ready is None:
         result = rt.abort(run_id=run.run_id, **abort)  # type: ignore[arg-type]
@@ -165,6 +172,7 @@ async def run_and_abort_when(
             continue
         seen.append(event)
         if ready is not None and isinstance(event, ready):
+            await trio.sleep(delay)
             assert rt.abort(run_id=run.run_id, **abort).aborted  # type: ignore[arg-type]
             ready = None
         if is_terminal(event):

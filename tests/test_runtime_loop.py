@@ -42,8 +42,8 @@ async def test_a_run_streams_and_finishes() -> None:
         with rt.subscribe("s") as events:
             run = await rt.start_run("s", "hi")
             seen = await events_until_terminal(events, run.run_id)
-        assert [type(e) for e in seen[:2]] == [RunStarted, StreamOptions]
-        assert seen[1].allow_cancel is True
+        assert [type(e) for e in seen[:2]] == [StreamOptions, RunStarted]
+        assert seen[0].allow_cancel is True
         terminal = check_run_events(seen)
         assert isinstance(terminal, RunFinished)
         assert terminal.stop_reason == "end_turn"

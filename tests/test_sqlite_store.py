@@ -93,7 +93,7 @@ async def test_a_stopped_run_commits_its_partial_to_sqlite(tmp_path) -> None:
         assert record.scope_exited_ms is not None
 
 
-async def test_streaming_text_is_checkpointed(tmp_path) -> None:
+async def test_streaming_text_is_checkpointed_incrementally(tmp_path) -> None:
     model = ScriptedModel.from_turns(text_turn(*[f"w{i} " for i in range(400)], pause=0.01))
     async with SQLiteStore(tmp_path / "s.db") as store:
         async with Runtime(model=model, store=store, checkpoint_interval=0.05) as rt:
@@ -104,7 +104,12 @@ async def test_streaming_text_is_checkpointed(tmp_path) -> None:
                     record = await store.get_run(run.run_id)
                     if record.checkpoint and "w20" in record.checkpoint:
                         break
-                assert json.loads(record.checkpoint)["run_id"] == run.run_id
+                # one fragment a tick, each holding only the text that is new since the
+                # last: the bytes written per tick do not grow with the reply
+                fragments = [json.loads(line) for line in record.checkpoint.splitlines()]
+                assert len(fragments) > 1
+                assert [f["text"].startswith("w0 ") for f in fragments].count(True) == 1
+                assert run.text.startswith("".join(f["text"] for f in fragments))
                 rt.abort(run_id=run.run_id)
                 assert isinstance(await run.wait(), RunCancelled)
 
