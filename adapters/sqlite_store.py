@@ -131,10 +131,10 @@ class SQLiteStore:
             wait = min(self.busy_timeout, max(deadline - trio.current_time(), 0.0))
 
             def call() -> tuple[bool, Any]:
-                connection.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
                 try:
+                    connection.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
                     return True, fn(connection)
-                except sqlite3.Error as exc:
+                except Exception as exc:  # raised below, outside the nursery
                     return False, exc
 
             with trio.CancelScope(shield=True):
@@ -144,7 +144,9 @@ class SQLiteStore:
                     ok, result = await trio.to_thread.run_sync(call, limiter=self._limiter)
                     nursery.cancel_scope.cancel()
         if not ok:
-            raise self._error(result) from result
+            if isinstance(result, sqlite3.Error):
+                raise self._error(result) from result
+            raise result
         return result  # type: ignore[no-any-return]
 
     async def _transaction(self, fn: Callable[[sqlite3.Connection], object]) -> None:

@@ -39,6 +39,7 @@ from adapters.gateway import Gateway
 from adapters.sim import SimServer
 from adapters.sqlite_store import SQLiteStore
 from runtime import validate_history
+from runtime._state import RunState
 from tests.conftest import IO_BOUND
 from tests.gateway_client import Client, Frame, connect_params, open_client
 from tests.gateway_stack import running_gateway, send
@@ -365,23 +366,16 @@ async def test_a_burst_of_a_thousand_clients_leaves_nothing_behind(tmp_path: Pat
 
 
 async def wait_checkpointed(db: Path, run_id: str, text: str) -> None:
-    """Wait until the run's checkpoint in ``db`` holds ``text``."""
-    needle = json.dumps(text)[1:-1]
-    connection = await trio.to_thread.run_sync(
-        functools.partial(sqlite3.connect, db, check_same_thread=False)
-    )
-    try:
-        while True:
-            row = await trio.to_thread.run_sync(
-                lambda: connection.execute(
-                    "SELECT checkpoint FROM runs WHERE run_id = ?", (run_id,)
-                ).fetchone()
-            )
-            if row and row[0] and needle in row[0]:
-                return
+    """Wait until the run's checkpoint in ``db`` (read as recovery reads it) holds
+    ``text``."""
+    async with SQLiteStore(db) as store:
+        for _ in range(int(PROCESS_BOUND / 0.05)):
+            record = await store.get_run(run_id)
+            if record and record.checkpoint:
+                if text in RunState.from_checkpoint(run_id, record.checkpoint).text:
+                    return
             await trio.sleep(0.05)
-    finally:
-        connection.close()
+    raise AssertionError(f"no checkpoint of run {run_id} holds {text!r}")
 
 
 @pytest.mark.slow

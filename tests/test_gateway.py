@@ -75,7 +75,7 @@ async def test_abort_while_the_model_is_silent(stack) -> None:
         async with open_client(port) as client:
             await client.ok("chat.send", send("s", THINK, "quiet"))
             await client.wait_event(
-                lambda f: f["event"] == "agent" and f["payload"]["data"].get("phase") == "options"
+                lambda f: f["event"] == "agent" and f["payload"]["data"].get("phase") == "start"
             )
             result = await client.ok("chat.abort", {"sessionKey": "s", "runId": "quiet"})
             assert result == {"ok": True, "aborted": True, "runIds": ["quiet"]}
