@@ -38,16 +38,23 @@ class Tool:
         fn: Callable[[Mapping[str, Any]], Any],
         description: str = "",
         parameters: Mapping[str, Any] | None = None,
+        *,
+        max_threads: int = 8,
     ) -> Tool:
         """A tool whose body is blocking code, run in a worker thread.
 
         A stop does not wait for the thread: it is abandoned (``abandon_on_cancel``) and
-        its eventual result discarded, so the run still ends at once.
+        its eventual result discarded, so the run still ends at once. An abandoned thread
+        keeps its limiter token until its code returns, so each such tool has a limiter
+        of its own, ``max_threads`` wide: calls that hang use up that tool's threads only,
+        never the store's or another tool's, and a call waiting for a thread can be
+        stopped like any other await.
         """
+        limiter = trio.CapacityLimiter(max_threads)
 
         async def run_in_thread(arguments: Mapping[str, Any]) -> Any:
             return await trio.to_thread.run_sync(
-                functools.partial(fn, arguments), abandon_on_cancel=True
+                functools.partial(fn, arguments), abandon_on_cancel=True, limiter=limiter
             )
 
         return cls(name, run_in_thread, description, parameters or {"type": "object"})

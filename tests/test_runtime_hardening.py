@@ -442,3 +442,30 @@ async def test_a_failing_begin_run_reports_a_store_error() -> None:
         terminal = await (await rt.start_run("s", "q")).wait()
     assert isinstance(terminal, RunFailed) and terminal.error_kind == "store"
     assert "save the prompt" in terminal.error_message and "no room" in terminal.error_message
+
+
+async def test_a_hung_sync_tool_uses_up_its_own_threads_only() -> None:
+    """With every thread of one blocking tool hung, another blocking tool still runs,
+    and a call waiting for one of the hung tool's threads can be stopped. (With Trio's
+    default limiter shared by all, the hung calls would hold every thread.)"""
+    trio.to_thread.current_default_thread_limiter().total_tokens = 2  # this test's trio.run
+    release = threading.Event()
+    hang = Tool.from_sync("hang", lambda arguments: release.wait(60), max_threads=2)
+    echo = Tool.from_sync("echo", lambda arguments: "echoed")
+    calls = [(f"c{i}", "hang", {}) for i in range(3)]
+    model = ScriptedModel.from_turns(
+        tool_turn(*calls), tool_turn(("e1", "echo", {})), text_turn("done")
+    )
+    try:
+        async with Runtime(model=model, tools=[hang, echo]) as rt:
+            with trio.fail_after(30), rt.subscribe() as events:
+                stuck = await rt.start_run("a", "go")
+                for _ in calls:
+                    await wait_for(events, ToolCallStarted, stuck.run_id)
+                other = await rt.start_run("b", "go")
+                assert isinstance(await other.wait(), RunFinished)
+                rt.abort(run_id=stuck.run_id)
+                terminal = await stuck.wait()
+                assert [r.status for r in terminal.receipt] == ["cancelled"] * 3
+    finally:
+        release.set()
