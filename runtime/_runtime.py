@@ -291,6 +291,8 @@ class Runtime:
             await admitting.wait()
         if run_id in self._runs:
             raise RunExists(run_id, live=True)
+        if run_id in self._unsettled:  # it ran; its record is not in the store yet
+            raise RunExists(run_id, live=False)
         self._admitting[run_id] = trio.Event()
         try:
             if await self.store.get_run(run_id) is not None:
@@ -458,7 +460,7 @@ class Runtime:
             plan = self._plan(run, reason, failure, finish_reason, exited_at)
             await self._commit(run, plan)
         if run._terminal is None:  # the commit ran out of time: it may yet have landed
-            self._unsettled[run.run_id] = plan
+            self._unsettled[run.run_id] = attrs.evolve(plan, rollback=False)
             self._emit_terminal(
                 run,
                 RunFailed,
@@ -685,7 +687,9 @@ class Runtime:
             await self.store.commit_run(plan.record, plan.items, rollback=plan.rollback)
         except Exception as exc:
             logger.exception("commit failed session=%s run=%s", run.session_key, run.run_id)
-            self._unsettled[run.run_id] = plan
+            # Saved later as it was, except that nothing is rolled back: the client was
+            # told it failed, not handed its prompt, so the prompt stays in history.
+            self._unsettled[run.run_id] = attrs.evolve(plan, rollback=False)
             self._emit_terminal(
                 run,
                 RunFailed,

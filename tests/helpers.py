@@ -11,6 +11,7 @@ from runtime import (
     Message,
     Run,
     RunCancelled,
+    RunFailed,
     RunFinished,
     Runtime,
     Subscription,
@@ -73,6 +74,12 @@ def check_partial(events: Sequence[Event], history: Sequence[Message]) -> None:
         assert terminal.message in history
 
 
+def is_unsaved(terminal: Event) -> bool:
+    """A run whose final commit failed: it reported so, and the runtime saves it later
+    (its messages set aside in its record if the session went on meanwhile)."""
+    return isinstance(terminal, RunFailed) and terminal.error_kind == "store"
+
+
 def check_kept_text(events: Sequence[Event], history: Sequence[Message]) -> None:
     """Invariant 3, for every way a run ends: history holds exactly the text and thinking
     its subscribers were sent, over all turns, unless the stop rolled the run back, and
@@ -83,6 +90,9 @@ def check_kept_text(events: Sequence[Event], history: Sequence[Message]) -> None
         assert mine == [], f"a rolled-back run left {mine}"
         return
     replies = [m for m in mine if m.role == "assistant"]
+    if is_unsaved(terminal):  # saved later, or set aside: never a part of it
+        assert "".join(m.text for m in replies) in ("", delivered_text(events))
+        return
     assert "".join(m.text for m in replies) == delivered_text(events)
     kept_thinking = "".join(
         b.text for m in replies for b in m.content if isinstance(b, ThinkingBlock)
@@ -102,6 +112,8 @@ def check_prompt_once(prompt: str, events: Sequence[Event], history: Sequence[Me
     ]
     if isinstance(terminal, RunCancelled) and terminal.restored_prompt is not None:
         assert terminal.restored_prompt == prompt and prompts == []
+    elif is_unsaved(terminal):  # stored once, or never if the run was stopped unbegun
+        assert prompts in ([prompt], []), f"run {terminal.run_id}: prompt stored as {prompts}"
     else:
         assert prompts == [prompt], f"run {terminal.run_id}: prompt stored as {prompts}"
 
@@ -114,6 +126,8 @@ def check_receipt(events: Sequence[Event]) -> None:
     started = {e.tool_call_id for e in events if isinstance(e, ToolCallStarted)}
     finished = {e.tool_call_id for e in events if isinstance(e, ToolCallFinished)}
     assert finished <= started
+    if is_unsaved(terminal):
+        return
     if not isinstance(terminal, RunCancelled):
         assert finished == started, "a run ended normally with a tool call unfinished"
         return
@@ -138,6 +152,8 @@ def check_abort_claims(
         said = list(claims.get(run_id, ()))
         if isinstance(terminal, RunCancelled) and terminal.reason in requested:
             assert said == [terminal.reason], f"run {run_id} stopped; aborts said {said}"
+        elif is_unsaved(terminal):  # it may have been a stop whose commit failed
+            assert len(said) <= 1, f"run {run_id}: aborts said {said}"
         else:
             assert said == [], f"run {run_id} ended {terminal}, yet aborts said {said}"
 

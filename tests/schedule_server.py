@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -44,15 +45,17 @@ T = TypeVar("T")
 
 FAST_TOOL_SECONDS = 0.003
 SLOW_TOOL_SECONDS = 0.06
-RUN_TASK_PREFIX = "run "  # Runtime._drive's task is named "run <run_id>"
+HUNG_TOOL_SECONDS = 0.5  # a blocking call that ignores a stop (its thread is abandoned)
+# Runtime._drive's task is named "run <run_id>", a tool round's "tools <run_id>"
+RUN_TASK_PREFIXES = ("run ", "tools ")
 
 
 def _run_id_of_current_task() -> str:
-    """The run a tool or a model stream belongs to: the nearest ``run <id>`` task."""
+    """The run a tool or a model stream belongs to: the nearest run or tools task."""
     task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
     while task is not None:
-        if task.name.startswith(RUN_TASK_PREFIX):
-            return task.name[len(RUN_TASK_PREFIX) :]
+        if task.name.startswith(RUN_TASK_PREFIXES):
+            return task.name.split(" ", 1)[1]
         nursery = task.parent_nursery
         task = nursery.parent_task if nursery is not None else None
     raise AssertionError("a tool or a model stream ran outside any run's task")
@@ -65,17 +68,42 @@ class Tracker:
     tools: Counter[str] = attrs.Factory(Counter)
     streams: Counter[str] = attrs.Factory(Counter)
 
-    def tool(self, name: str, seconds: float) -> Tool:
+    def tool(self, name: str, seconds: float, *, blocking: bool = False) -> Tool:
+        """A tool that sleeps ``seconds``: in Trio, or (``blocking``) in a thread that a
+        stop abandons, as a call to a hung service would."""
+        in_thread = Tool.from_sync(name, lambda arguments: time.sleep(seconds)).fn
+
         async def run(arguments: Mapping[str, Any]) -> str:
             run_id = _run_id_of_current_task()
             self.tools[run_id] += 1
             try:
-                await trio.sleep(seconds)
+                if blocking:
+                    await in_thread(arguments)
+                else:
+                    await trio.sleep(seconds)
             finally:
                 self.tools[run_id] -= 1
             return f"{name} done: {arguments.get('text', '')}"
 
         return Tool(name, run, f"Sleeps {seconds} s.", {"type": "object"})
+
+
+@attrs.define(eq=False)
+class FlakyStore:
+    """The SQLite store, except that the first commit of each run in ``fail_once``
+    fails, as a disk hiccup would: the runtime reports it and saves it later."""
+
+    inner: SQLiteStore
+    fail_once: set[str] = attrs.Factory(set)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit_run(self, record: Any, items: Any, *, rollback: bool) -> None:
+        if record.run_id in self.fail_once:
+            self.fail_once.discard(record.run_id)
+            raise OSError("a disk hiccup (injected)")
+        await self.inner.commit_run(record, items, rollback=rollback)
 
 
 @attrs.define(eq=False)
@@ -121,6 +149,7 @@ class ScheduleServer:
     sim: SimServer
     model: CountingModel
     tracker: Tracker
+    store: FlakyStore
     token: trio.lowlevel.TrioToken
     events: defaultdict[str, list[Event]] = attrs.Factory(lambda: defaultdict(list))
     terminals: dict[str, Terminal] = attrs.Factory(dict)
@@ -153,12 +182,16 @@ class ScheduleServer:
             names.append(task.name)
             for nursery in task.child_nurseries:
                 pending.extend(nursery.child_tasks)
-        return [n for n in names if n.startswith(RUN_TASK_PREFIX) or "_run_tool" in n]
+        return [n for n in names if n.startswith(RUN_TASK_PREFIXES) or "_run_tool" in n]
 
 
 async def _serve(db_path: Path, ready: queue.Queue[ScheduleServer | BaseException]) -> None:
     tracker = Tracker()
-    tools = [tracker.tool("fast", FAST_TOOL_SECONDS), tracker.tool("slow", SLOW_TOOL_SECONDS)]
+    tools = [
+        tracker.tool("fast", FAST_TOOL_SECONDS),
+        tracker.tool("slow", SLOW_TOOL_SECONDS),
+        tracker.tool("hung", HUNG_TOOL_SECONDS, blocking=True),
+    ]
     async with trio.open_nursery() as nursery:
         sim = await nursery.start(serve_sim)
         # One retry, so a 429 with a short retry_after is retried and a 500 fails fast.
@@ -166,26 +199,37 @@ async def _serve(db_path: Path, ready: queue.Queue[ScheduleServer | BaseExceptio
             model="sim", base_url=sim.base_url + "/v1", max_retries=1
         ) as inner:
             model = CountingModel(inner, tracker)
-            async with (
-                SQLiteStore(db_path) as store,
-                Runtime(model=model, store=store, tools=tools) as runtime,
-            ):
-                gateway = Gateway(runtime)
-                recording = trio.CancelScope()
-
-                async def serve(task_status: trio.TaskStatus[int]) -> None:
-                    await gateway.serve("127.0.0.1", 0, task_status=task_status)
-                    recording.cancel()  # the gateway has flushed its last events
-
-                async with trio.open_nursery() as serving:
-                    port = await serving.start(serve)
-                    token = trio.lowlevel.current_trio_token()
-                    server = ScheduleServer(port, runtime, gateway, sim, model, tracker, token)
-                    serving.start_soon(server._record, recording)
-                    ready.put(server)
-                    await server._stop.wait()
-                    gateway.shutdown()
+            async with SQLiteStore(db_path) as sqlite:
+                store = FlakyStore(sqlite)
+                runtime = Runtime(model=model, store=store, tools=tools)  # type: ignore[arg-type]
+                await _serve_runtime(runtime, sim, model, tracker, store, ready)
         nursery.cancel_scope.cancel()
+
+
+async def _serve_runtime(
+    runtime: Runtime,
+    sim: SimServer,
+    model: CountingModel,
+    tracker: Tracker,
+    store: FlakyStore,
+    ready: queue.Queue[ScheduleServer | BaseException],
+) -> None:
+    async with runtime:
+        gateway = Gateway(runtime)
+        recording = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[int]) -> None:
+            await gateway.serve("127.0.0.1", 0, task_status=task_status)
+            recording.cancel()  # the gateway has flushed its last events
+
+        async with trio.open_nursery() as serving:
+            port = await serving.start(serve)
+            token = trio.lowlevel.current_trio_token()
+            server = ScheduleServer(port, runtime, gateway, sim, model, tracker, store, token)
+            serving.start_soon(server._record, recording)
+            ready.put(server)
+            await server._stop.wait()
+            gateway.shutdown()
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from runtime import (
     MemoryStore,
     Message,
     RunCancelled,
+    RunExists,
     RunFailed,
     RunFinished,
     RunQueued,
@@ -469,3 +470,19 @@ async def test_a_hung_sync_tool_uses_up_its_own_threads_only() -> None:
                 assert [r.status for r in terminal.receipt] == ["cancelled"] * 3
     finally:
         release.set()
+
+
+async def test_a_resend_while_a_failed_commit_waits_to_be_saved_starts_nothing(
+    autojump_clock,
+) -> None:
+    """Found by the schedules: a run stopped while queued has no record until its commit
+    lands; when that commit failed, a resend of its id started a second run."""
+    store = HookedStore(MemoryStore(), before_commit_run=failing_commits({"queued"}))
+    async with Runtime(model=ScriptedModel.from_turns(SLOW_TEXT), store=store) as rt:
+        live = await rt.start_run("s", "first")
+        queued = await rt.start_run("s", "second", run_id="queued")
+        rt.abort(run_id="queued")
+        assert isinstance(await queued.wait(), RunFailed)
+        with pytest.raises(RunExists):
+            await rt.start_run("s", "second", run_id="queued")
+        rt.abort(run_id=live.run_id)
