@@ -22,10 +22,17 @@ Errors are mapped at one boundary, ``_model_error`` (kind: cause):
 - ``overloaded``: HTTP 529 or an in-stream ``overloaded_error`` event.
 - ``context_length``: HTTP 400 about the context window ("prompt is too long").
 - ``unavailable``: other 5xx or an in-stream ``api_error``; no connection, or a reset
-  before the response headers (``APIConnectionError``); all after the SDK's retries.
+  before the response headers; all after the SDK's retries.
 - ``timeout``: ``APITimeoutError`` (connect) or a read timeout mid-stream.
 - ``bad_response``: after the headers, a reset, an EOF before the turn ended, or bytes
   that are not the expected events; tool-call arguments that are not a JSON object.
+
+A broken connection is classified by phase, not by exception class (see
+``adapters._failures``): failing in ``__aenter__`` (up to the response headers) is
+``unavailable``, failing while the events are read is ``bad_response``, whichever class
+the SDK release raises (2.17 wraps a body that breaks off in ``APIConnectionError``;
+earlier releases let httpx2's ``RemoteProtocolError`` through). The SDK retries only while
+opening the stream, so a turn that broke off is never retried.
 - ``refusal``: ``stop_reason == "refusal"`` (after its usage report).
 - ``unknown``: anything else (401, 403, 404, other 400s); the message says what to check.
 """
@@ -65,6 +72,8 @@ from runtime import (
     TurnEnd,
     UsageReport,
 )
+
+from ._failures import Phase, transport_failure
 
 CONNECT_TIMEOUT: Final = 5.0
 # Must exceed the longest silent thinking phase we support: the provider may send
@@ -152,8 +161,8 @@ class _Turn:
         self._manager = self._client.messages.stream(**self._params)
         try:
             self._stream = await self._manager.__aenter__()
-        except anthropic.APIError as exc:
-            raise _model_error(exc, self._client) from exc
+        except (anthropic.APIError, httpx2.TransportError) as exc:
+            raise _model_error(exc, self._client, "connect") from exc
         return self
 
     async def __aexit__(
@@ -203,7 +212,7 @@ class _Turn:
                     "retry the turn.",
                 ) from None
             except Exception as exc:
-                raise _model_error(exc, self._client) from exc
+                raise _model_error(exc, self._client, "stream") from exc
             self._pending.extend(self._map(event))
         item = self._pending.popleft()
         if isinstance(item, ModelError):
@@ -287,22 +296,24 @@ def _tool_call_end(call_id: str, text: str) -> ToolCallEnd | ModelError:
 _CONTEXT_WORDS: Final = ("prompt is too long", "context window", "context length", "context limit")
 
 
-def _model_error(exc: Exception, client: anthropic.AsyncAnthropic) -> ModelError:
-    """The one boundary where provider failures become ``ModelError``s."""
+def _model_error(exc: Exception, client: anthropic.AsyncAnthropic, phase: Phase) -> ModelError:
+    """The one boundary where provider failures become ``ModelError``s. ``phase`` is where
+    the failure was caught: opening the stream (``connect``) or reading it (``stream``)."""
     if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
         return ModelError(
             "timeout",
             "The Anthropic API did not answer in time; retry, or raise read_timeout if the "
             "model thinks silently for longer.",
         )
-    if isinstance(exc, anthropic.APIConnectionError):
-        return ModelError(
-            "unavailable",
-            f"Could not reach the Anthropic API at {client.base_url}; check the network "
-            "and ANTHROPIC_BASE_URL, then retry.",
-        )
     if isinstance(exc, anthropic.APIStatusError):
         return _status_error(exc, client)
+    if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
+        detail = _redact(f"{type(exc).__name__}: {exc}", client.api_key)
+        where = f"The Anthropic API at {client.base_url}"
+        error = transport_failure(phase, where=where, detail=detail)
+        if phase == "connect":
+            error = ModelError(error.kind, f"{error} Check ANTHROPIC_BASE_URL too.")
+        return error
     # After the headers: a reset, a premature EOF, or bytes that are not the SSE we expect.
     return ModelError(
         "bad_response",

@@ -134,11 +134,13 @@ async def smoke(model: Model, max_tokens: int) -> None:
 @attrs.define(eq=False)
 class Proxy:
     """A TCP proxy in front of the sim that counts connections and notes when each one
-    ends. While ``silent``, it answers nothing: a provider stuck before its headers."""
+    ends. While ``silent``, it answers nothing: a provider stuck before its headers. While
+    ``hang_up``, it reads the request and closes: a connection dropped before the headers."""
 
     target_port: int
     port: int = 0
     silent: bool = False
+    hang_up: bool = False
     accepted: int = 0
     request_seen: trio.Event = attrs.Factory(trio.Event)
     closed: trio.Event = attrs.Factory(trio.Event)  # set when the first connection ends
@@ -150,6 +152,9 @@ class Proxy:
             if self.silent:
                 while await client.receive_some():
                     self.request_seen.set()
+                return
+            if self.hang_up:
+                await client.receive_some()
                 return
             async with await trio.open_tcp_stream("127.0.0.1", self.target_port) as upstream:
                 async with trio.open_nursery() as nursery:
@@ -340,6 +345,22 @@ class AdapterSuite:
                 proxy.silent = False
                 await next_turn_completes(model)
 
+    async def test_a_connection_dropped_before_the_headers_is_unavailable_and_retried(
+        self, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Classified by phase: nothing was delivered, so it is retried, then reported as
+        unavailable (a drop after the headers is bad_response: see test_sim_errors)."""
+        monkeypatch.setattr(_http, "BACKOFF_BASE", 0.01)
+        proxy.hang_up = True
+        with trio.fail_after(IO_BOUND):
+            async with self.open_model(proxy.port, max_retries=2) as model:
+                with pytest.raises(ModelError) as caught:
+                    await collect(model, request())
+                assert caught.value.kind == "unavailable" and proxy.accepted == 3
+                assert str(caught.value).endswith(".") and FAKE_KEY not in str(caught.value)
+                proxy.hang_up = False
+                await next_turn_completes(model)
+
     async def test_pool_reuses_complete_connections_and_drops_stopped_ones(
         self, proxy: Proxy
     ) -> None:
@@ -391,7 +412,8 @@ class AdapterSuite:
             ("#sim fail=429 retry_after=7", "rate_limit"),
             ("#sim fail=500", "unavailable"),
             ("#sim fail=529", "overloaded"),
-            ("#sim fail=reset rate=1000", "unavailable"),  # dropped mid-stream: a network failure
+            # dropped after the headers: never retried, whatever the exception class
+            ("#sim fail=reset rate=1000", "bad_response"),
             ("#sim fail=garbage rate=1000", "bad_response"),
             ("#sim fail=error_event rate=1000", None),  # the adapter's ERROR_EVENT_KIND
         ],

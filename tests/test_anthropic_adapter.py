@@ -334,6 +334,78 @@ async def test_connection_error_is_unavailable(autojump_clock: Any) -> None:
     assert "http://anthropic.test" in str(caught.value)
 
 
+class _BreaksAfter(httpx2.AsyncByteStream):
+    """A 200 body that sends ``head`` and then fails with ``error``, as a connection reset
+    after the headers does."""
+
+    def __init__(self, head: bytes, error: Exception) -> None:
+        self._head, self._error = head, error
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self._head
+        raise self._error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        httpx2.RemoteProtocolError("peer closed connection without sending complete message"),
+        httpx2.ReadError("connection reset by peer"),
+        httpx2.ConnectError("a release that names it a connection error"),
+    ],
+    ids=type,
+)
+async def test_a_break_after_the_headers_is_bad_response_whatever_the_class(
+    autojump_clock: Any, error: Exception
+) -> None:
+    """Classified by phase: a body that breaks off after some output is bad_response and
+    is not retried, whatever exception (or SDK wrapper of it) the release raises."""
+    attempts: list[httpx2.Request] = []
+    head = _sse(_start(), _block_start(0, {"type": "text", "text": ""}))
+    head += _sse(_delta(0, {"type": "text_delta", "text": "Hel"}))
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        attempts.append(request)
+        return httpx2.Response(
+            200, headers={"content-type": "text/event-stream"}, stream=_BreaksAfter(head, error)
+        )
+
+    seen: list[ModelEvent] = []
+    async with _mock_model(handler, max_retries=2) as model:
+        with pytest.raises(ModelError) as caught:
+            async with model.stream(request()) as events:
+                async for event in events:
+                    seen.append(event)
+    assert caught.value.kind == "bad_response"
+    assert TextChunk("Hel") in seen and len(attempts) == 1
+    assert str(caught.value).endswith(".") and FAKE_KEY not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        httpx2.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx2.ReadError("connection reset by peer"),
+        httpx2.ConnectError("connection refused"),
+    ],
+    ids=type,
+)
+async def test_a_break_before_the_headers_is_unavailable_and_retried(
+    autojump_clock: Any, error: Exception
+) -> None:
+    attempts: list[httpx2.Request] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        attempts.append(request)
+        raise error
+
+    async with _mock_model(handler, max_retries=2) as model:
+        with pytest.raises(ModelError) as caught:
+            await collect(model, request())
+    assert caught.value.kind == "unavailable" and len(attempts) == 3
+    assert str(caught.value).endswith(".") and FAKE_KEY not in str(caught.value)
+
+
 async def test_server_errors_are_retried_by_the_sdk(autojump_clock: Any) -> None:
     attempts: list[float] = []
 

