@@ -73,7 +73,7 @@ from runtime import (
     UsageReport,
 )
 
-from ._failures import Phase, transport_failure
+from ._failures import MAX_ERROR_BODY, BoundedBody, Phase, transport_failure
 
 CONNECT_TIMEOUT: Final = 5.0
 # Must exceed the longest silent thinking phase we support: the provider may send
@@ -120,11 +120,17 @@ async def open_anthropic(
 
     ``api_key`` defaults to ``ANTHROPIC_API_KEY``, ``base_url`` to ``ANTHROPIC_BASE_URL``
     (then the public API). ``http_client`` is for tests and custom transports (an
-    ``httpx2`` client, which the SDK closes with itself).
+    ``httpx2`` client, which the SDK closes with itself). Either way the client gets a
+    response hook that bounds error bodies to ``MAX_ERROR_BODY`` (the SDK reads them whole).
     """
     key = api_key or os.environ.get("ANTHROPIC_API_KEY")
     if not key:
         raise ValueError("No Anthropic API key: set ANTHROPIC_API_KEY or pass api_key=.")
+    if http_client is None:  # the SDK's own default, made here to add the hook below
+        http_client = anthropic.DefaultAsyncHttpxClient()
+    hooks = http_client.event_hooks
+    hooks["response"] = [*hooks.get("response", []), _bound_error_body]
+    http_client.event_hooks = hooks
     async with anthropic.AsyncAnthropic(
         api_key=key,
         base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL") or None,
@@ -321,9 +327,27 @@ def _model_error(exc: Exception, client: anthropic.AsyncAnthropic, phase: Phase)
     )
 
 
+async def _bound_error_body(response: httpx2.Response) -> None:
+    """The client's response hook: an error response's body is read up to
+    ``MAX_ERROR_BODY`` bytes, however much the server sends (see ``adapters._failures``)."""
+    if not response.is_success:
+        response.stream = _BoundedBody(response.stream)
+
+
+@final
+class _BoundedBody(BoundedBody, httpx2.AsyncByteStream):
+    """``BoundedBody`` as the httpx2 stream that ``Response.aread`` requires."""
+
+
 def _status_error(exc: anthropic.APIStatusError, client: anthropic.AsyncAnthropic) -> ModelError:
     status, error_type = exc.status_code, exc.type
-    detail = _redact(exc.api_message or str(error_type or "no details"), client.api_key)
+    detail = exc.api_message or str(error_type or "no details")
+    body = exc.response.stream
+    if isinstance(body, _BoundedBody) and body.truncated:  # not JSON, so no api_message
+        text = exc.response.text.strip()
+        text = text if len(text) <= 300 else f"{text[:300]}..."
+        detail = f"{text} (the error body was longer than {MAX_ERROR_BODY // 1024} KiB)"
+    detail = _redact(detail, client.api_key)
     # An error event inside a 200 stream carries only its type.
     where = f"HTTP {status}" if status != 200 else "an error event in the stream"
     if status == 429 or error_type == "rate_limit_error":

@@ -52,6 +52,7 @@ from runtime import (
 
 FAKE_KEY = "sk-fake-0123456789abcdef"
 IO_BOUND = 30.0  # as in conftest.py
+HUGE_ERROR = 32 * 1024 * 1024  # bytes of error body: far more than socket buffers hold
 CLOSE_BOUND = 2.0  # "closed at once", generously: a busy CI machine may be slow
 TOOLS = (ToolSpec("lookup", "Look a thing up.", {"type": "object"}),)
 
@@ -360,6 +361,20 @@ class AdapterSuite:
                 assert str(caught.value).endswith(".") and FAKE_KEY not in str(caught.value)
                 proxy.hang_up = False
                 await next_turn_completes(model)
+
+    async def test_a_huge_error_body_is_read_only_in_part(self, sim: Any) -> None:
+        """A 32 MiB error body: the adapter reads 64 KiB, hangs up (the sim records the
+        client's close before the body's end) and quotes the start of it."""
+        with trio.fail_after(IO_BOUND):
+            async with self.open_model(sim.port, max_retries=0) as model:
+                with pytest.raises(ModelError) as caught:
+                    await collect(model, request(f"#sim fail=500 error_bytes={HUGE_ERROR}"))
+                [record] = await sim.wait_closed(count=1)
+                assert (record.status, record.closed_by) == (500, "client")
+                await next_turn_completes(model)
+        error = caught.value
+        assert error.kind == "unavailable" and "Simulated HTTP 500" in str(error)
+        assert "longer than 64 KiB" in str(error) and len(str(error)) < 1000
 
     async def test_pool_reuses_complete_connections_and_drops_stopped_ones(
         self, proxy: Proxy

@@ -700,6 +700,22 @@ async def _cancel_when_refused(sim: Any, scope: trio.CancelScope) -> None:
     scope.cancel(reason="test stop")
 
 
+async def test_sim_a_huge_error_body_is_read_only_in_part(sim: Any, io_bound: float) -> None:
+    """The SDK reads an error body whole; the adapter's response hook bounds it to 64 KiB,
+    so the client hangs up on a 32 MiB body (the sim records it) and quotes its start."""
+    with trio.fail_after(io_bound):
+        async with _sim_model(sim) as model:
+            with pytest.raises(ModelError) as caught:
+                await collect(model, request(f"#sim fail=500 error_bytes={32 * 1024 * 1024}"))
+            [record] = await sim.wait_closed(count=1)
+            assert (record.status, record.closed_by) == (500, "client")
+            await _complete_turn(model)
+    error = caught.value
+    assert error.kind == "unavailable" and "Simulated HTTP 500" in str(error)
+    assert "longer than 64 KiB" in str(error) and len(str(error)) < 1000
+    assert FAKE_KEY not in str(error)
+
+
 @pytest.mark.parametrize(
     ("directive", "max_retries", "kind", "requests"),
     [

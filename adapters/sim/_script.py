@@ -171,22 +171,30 @@ def build_script(directive: Directive, facts: Facts) -> list[Step]:
             emit(ThinkingDelta(word if index == len(THINKING_WORDS) - 1 else word + " "))
         steps.append(ThinkingSignature(SIGNATURE))
 
+    limit = directive.max_tokens if directive.max_tokens is not None else facts.max_tokens
     done = facts.results_for(directive.tool) if directive.tool else 0
     if directive.tool is not None and done < directive.repeat:
         steps.append(ToolCallBegin(done + 1, directive.tool))
         arguments = json.dumps(
             {"text": " ".join(reply_words(TOOL_ARG_WORDS, start=done * TOOL_ARG_WORDS))}
         )
-        for start in range(0, len(arguments), TOOL_ARG_FRAGMENT):
-            emit(ToolArgsDelta(arguments[start : start + TOOL_ARG_FRAGMENT]))
-        steps += [ToolCallEnd(), gap, Finish("tool_use", deltas)]
+        fragments = [
+            arguments[start : start + TOOL_ARG_FRAGMENT]
+            for start in range(0, len(arguments), TOOL_ARG_FRAGMENT)
+        ]
+        for fragment in fragments[:limit]:
+            emit(ToolArgsDelta(fragment))
+        if limit is not None and limit < len(fragments):
+            steps += [gap, Finish("max_tokens", deltas)]  # cut off mid arguments
+        else:
+            steps += [ToolCallEnd(), gap, Finish("tool_use", deltas)]
     else:
         count = directive.words
         if count is None:
             count = SHORT_REPLY_WORDS if directive.tool is not None else DEFAULT_WORDS
         stop: StopReason = "end_turn"
-        if facts.max_tokens is not None and count > facts.max_tokens:
-            count, stop = facts.max_tokens, "max_tokens"
+        if limit is not None and count > limit:
+            count, stop = limit, "max_tokens"
         words = reply_words(count)
         pause_after, pause = directive.pause_at or (-1, 0.0)
         if pause_after == 0:
