@@ -340,6 +340,17 @@ class StreamedCall:
         self.fragments.append(fragment)
         return ToolCallArgs(self.id, fragment)
 
+    def end_at_limit(self) -> ToolCallEnd | None:
+        """The call, if its arguments are whole, when the output limit ended the turn
+        (max_tokens); None if the limit cut them off (or before any came): such a call is
+        dropped, as a stop drops it, since it never ran."""
+        if not "".join(self.fragments).strip():
+            return None
+        try:
+            return self.end()
+        except BadResponse:
+            return None
+
     def end(self) -> ToolCallEnd:
         """The call with its arguments, which must make one JSON object ("" is {})."""
         text = "".join(self.fragments)

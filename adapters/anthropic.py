@@ -158,6 +158,9 @@ class _Turn:
     # Mapped events not yet handed out; a ModelError in here is raised in its turn.
     _pending: deque[ModelEvent | ModelError] = attrs.Factory(deque)
     _tool_calls: dict[int, tuple[str, list[str]]] = attrs.Factory(dict)  # index -> id, args
+    # A tool call whose arguments did not parse: dropped if the turn then ends with
+    # max_tokens (the limit cut it off; it never ran), else the turn fails with this.
+    _unparsed: ModelError | None = None
     _ended: bool = False  # a TurnEnd was mapped
     _sdk_done: bool = False  # the SDK's iteration raised (its end, an error, a cancel)
 
@@ -248,7 +251,11 @@ class _Turn:
                 return self._map_delta(event.index, event.delta)
             case "content_block_stop" if event.index in self._tool_calls:
                 call_id, fragments = self._tool_calls.pop(event.index)
-                return [_tool_call_end(call_id, "".join(fragments))]
+                end = _tool_call_end(call_id, "".join(fragments))
+                if isinstance(end, ModelError):
+                    self._unparsed = self._unparsed or end
+                    return []
+                return [end]
             case "message_delta":
                 usage = event.usage
                 mapped: list[ModelEvent | ModelError] = [
@@ -263,6 +270,8 @@ class _Turn:
                             "something else.",
                         )
                     )
+                elif self._unparsed is not None and stop_reason not in (None, "max_tokens"):
+                    mapped.append(self._unparsed)
                 elif stop_reason is not None:
                     self._ended = True
                     mapped.append(TurnEnd(stop_reason=stop_reason))

@@ -31,15 +31,19 @@ import trio.testing
 from adapters import _http
 from runtime import (
     Block,
+    MemoryStore,
     Message,
     Model,
     ModelError,
     ModelEvent,
     ModelRequest,
+    RunFinished,
+    Runtime,
     TextBlock,
     TextChunk,
     ThinkingBlock,
     ThinkingChunk,
+    Tool,
     ToolCallArgs,
     ToolCallBegin,
     ToolCallEnd,
@@ -48,6 +52,7 @@ from runtime import (
     ToolUseBlock,
     TurnEnd,
     UsageReport,
+    validate_history,
 )
 
 FAKE_KEY = "sk-fake-0123456789abcdef"
@@ -250,6 +255,31 @@ async def next_turn_completes(model: Model) -> None:
     assert len(text_of(events).split()) == 5 and events[-1] == TurnEnd("end_turn")
 
 
+async def max_tokens_mid_tool_arguments(model: Model) -> None:
+    """The output limit cuts a tool call's arguments (the sim's max_tokens=2): the turn
+    ends with max_tokens and no ToolCallEnd, and a run through the runtime finishes
+    normally with the call dropped, as a stop drops a cut-off call: it never ran."""
+    prompt = "Look it up.\n#sim tool=lookup max_tokens=2 rate=1000"
+    ran: list[object] = []
+
+    async def lookup(arguments: Any) -> str:
+        ran.append(arguments)
+        return "found it"
+
+    with trio.fail_after(IO_BOUND):
+        events = await collect(model, ModelRequest([user(prompt)], tools=TOOLS))
+        assert events[-1] == TurnEnd("max_tokens") and not saw(ToolCallEnd)(events)
+        store = MemoryStore()
+        async with Runtime(model=model, store=store, tools=[Tool("lookup", lookup)]) as rt:
+            end = await (await rt.start_run("s", prompt)).wait()
+        history = await store.history("s")
+    assert isinstance(end, RunFinished), end
+    assert end.stop_reason == "max_tokens" and ran == []
+    validate_history(history)
+    assert [m.role for m in history] == ["user"]  # the cut-off call was all it said
+    assert not any(isinstance(b, ToolUseBlock) for m in history for b in m.content)
+
+
 class AdapterSuite:
     """The shared tests; a subclass names its adapter (see the module docstring)."""
 
@@ -361,6 +391,10 @@ class AdapterSuite:
                 assert str(caught.value).endswith(".") and FAKE_KEY not in str(caught.value)
                 proxy.hang_up = False
                 await next_turn_completes(model)
+
+    async def test_sim_max_tokens_mid_tool_arguments_drops_the_call(self, sim: Any) -> None:
+        async with self.open_model(sim.port) as model:
+            await max_tokens_mid_tool_arguments(model)
 
     async def test_a_huge_error_body_is_read_only_in_part(self, sim: Any) -> None:
         """A 32 MiB error body: the adapter reads 64 KiB, hangs up (the sim records the

@@ -32,7 +32,7 @@ from runtime._model import (
     TurnEnd,
     UsageReport,
 )
-from tests.http_adapter_suite import collect, request, user
+from tests.http_adapter_suite import collect, max_tokens_mid_tool_arguments, request, user
 
 FAKE_KEY = "sk-ant-fake-0123456789abcdef"
 
@@ -698,6 +698,11 @@ async def _cancel_when_refused(sim: Any, scope: trio.CancelScope) -> None:
     await sim.wait_closed()
     await trio.sleep(0.2)  # well into the backoff
     scope.cancel(reason="test stop")
+
+
+async def test_sim_max_tokens_mid_tool_arguments_drops_the_call(sim: Any) -> None:
+    async with _sim_model(sim) as model:
+        await max_tokens_mid_tool_arguments(model)
 
 
 async def test_sim_a_huge_error_body_is_read_only_in_part(sim: Any, io_bound: float) -> None:

@@ -176,6 +176,12 @@ def test_parse_directive_reads_every_key() -> None:
             "retry_after=0.25 fail_count=2"
         ),
     )
+    assert parse_directive("#sim fail=500 error_bytes=70000 max_tokens=3") == Directive(
+        fail="500",
+        error_bytes=70000,
+        max_tokens=3,
+        line="#sim fail=500 error_bytes=70000 max_tokens=3",
+    )
     assert parse_directive("no directive here") == Directive()
     assert parse_directive("#simulate words=3") == Directive()  # not a #sim line
 
@@ -195,6 +201,9 @@ def test_parse_directive_reads_every_key() -> None:
         ("#sim fail_count=2", "fail_count"),
         ("#sim fail=500 retry_after=1", "retry_after"),
         ("#sim repeat=3", "repeat"),
+        ("#sim error_bytes=100", "error_bytes"),
+        ("#sim fail=reset error_bytes=100", "error_bytes"),
+        ("#sim max_tokens=-1", "max_tokens"),
         ("#sim words=1 words=2", "words"),
     ],
 )
