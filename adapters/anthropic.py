@@ -181,9 +181,15 @@ class _Turn:
         tb: TracebackType | None,
     ) -> None:
         assert self._manager is not None
-        if self._stream is not None and not self._sdk_done:
-            await self._unwind(self._stream)
-        await self._manager.__aexit__(exc_type, exc, tb)
+        try:
+            if self._stream is not None and not self._sdk_done:
+                await self._unwind(self._stream)
+        finally:
+            # Every exit closes the SDK's response here, not in the garbage collector:
+            # whatever _unwind raised, and even with a stop already pending (a refusal
+            # racing an abort), which would otherwise land on the close's first checkpoint.
+            with trio.move_on_after(END_GRACE, shield=True):
+                await self._manager.__aexit__(exc_type, exc, tb)
 
     async def _unwind(self, stream: AsyncMessageStream[Any]) -> None:
         """The consumer left before the stream ended (a break, an error in its loop, a

@@ -16,6 +16,7 @@ from typing import Any
 import httpx2
 import pytest
 import trio
+import trio.testing
 
 from adapters.anthropic import AnthropicModel, open_anthropic
 from runtime._history import Message, TextBlock, ThinkingBlock, ToolResultBlock, ToolUseBlock
@@ -32,7 +33,14 @@ from runtime._model import (
     TurnEnd,
     UsageReport,
 )
-from tests.http_adapter_suite import collect, max_tokens_mid_tool_arguments, request, user
+from tests.http_adapter_suite import (
+    Proxy,
+    collect,
+    max_tokens_mid_tool_arguments,
+    request,
+    start_proxy,
+    user,
+)
 
 FAKE_KEY = "sk-ant-fake-0123456789abcdef"
 
@@ -698,6 +706,52 @@ async def _cancel_when_refused(sim: Any, scope: trio.CancelScope) -> None:
     await sim.wait_closed()
     await trio.sleep(0.2)  # well into the backoff
     scope.cancel(reason="test stop")
+
+
+@pytest.mark.parametrize("where", ["in-the-loop", "on-exit"])
+async def test_sim_a_stop_racing_a_refusal_closes_the_response(
+    sim: Any, io_bound: float, where: str
+) -> None:
+    """The refusal is raised and the stop lands at that instant: in the consumer's loop, or
+    as the turn's ``async with`` exits. The SDK's response is closed on the spot (no
+    generator or response left to the garbage collector: warnings are errors), the stop
+    wins, and the client serves the next turn."""
+    async with trio.open_nursery() as nursery:
+        proxy = await start_proxy(sim, nursery)
+        with trio.fail_after(io_bound):
+            await _refusal_then_stop(proxy, where)
+            await trio.testing.wait_all_tasks_blocked()
+        # Every connection but the pooled one was closed: none is held by a response
+        # that nobody closed.
+        assert proxy.accepted - len(proxy.closed_at) <= 1, (proxy.accepted, proxy.closed_at)
+        nursery.cancel_scope.cancel()
+
+
+async def _refusal_then_stop(proxy: Proxy, where: str) -> None:
+    async with open_anthropic(
+        model="claude-sim",
+        api_key=FAKE_KEY,
+        base_url=f"http://127.0.0.1:{proxy.port}",
+        max_retries=0,
+    ) as model:
+        with trio.CancelScope() as scope:
+            try:
+                async with model.stream(request("#sim fail=refusal rate=1000")) as events:
+                    try:
+                        async for _ in events:
+                            pass
+                    except ModelError as exc:
+                        assert exc.kind == "refusal"
+                        scope.cancel(reason="test stop")
+                        if where == "in-the-loop":
+                            await trio.sleep(1)  # the stop lands here
+                        raise
+            except ModelError:
+                pass
+        gc.collect()
+        await trio.sleep(0.1)  # a finalizer would run (and warn) now
+        await _complete_turn(model)
+        await _complete_turn(model)
 
 
 async def test_sim_max_tokens_mid_tool_arguments_drops_the_call(sim: Any) -> None:

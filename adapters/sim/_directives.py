@@ -17,10 +17,11 @@ Keys (all optional; the first ``#sim`` line of the message counts):
 - ``fail=429|500|529`` that HTTP error at once (``retry_after=S``, default 1, sets the
   429's retry-after header); ``fail=reset`` drops the connection, ``fail=garbage`` sends a
   malformed event, ``fail=error_event`` sends a provider error event and ends the
-  response, each after the third delta. ``fail_count=K`` fails only the first K requests
-  carrying this exact line. ``error_bytes=N`` (with fail=429|500|529) pads the error
-  body to N bytes and sends it in 64 KiB pieces, stopping if the client hangs up: a
-  provider answering with a huge error body.
+  response, ``fail=refusal`` ends the turn as a refusal (stop_reason refusal; OpenAI:
+  content_filter; Gemini: SAFETY), each after the third delta. ``fail_count=K`` fails
+  only the first K requests carrying this exact line. ``error_bytes=N`` (with
+  fail=429|500|529) pads the error body to N bytes and sends it in 64 KiB pieces,
+  stopping if the client hangs up: a provider answering with a huge error body.
 - ``max_tokens=N`` answers as if the request's output limit were N deltas: the text
   reply stops after N words, and a tool call's arguments after N fragments (the call
   never completes), each ending the turn with max_tokens.
@@ -37,7 +38,7 @@ import attrs
 
 PREFIX: Final = "#sim"
 
-FailKind = Literal["429", "500", "529", "reset", "garbage", "error_event"]
+FailKind = Literal["429", "500", "529", "reset", "garbage", "error_event", "refusal"]
 HTTP_FAILS: Final[frozenset[str]] = frozenset({"429", "500", "529"})
 
 DEFAULT_RATE: Final = 30.0  # words per second when no rate= is given

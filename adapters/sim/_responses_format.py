@@ -85,8 +85,9 @@ class ResponsesRenderer:
                 }
                 # An item the limit cut off is "incomplete", as the API marks it.
                 closed = self._close("incomplete" if stop_reason == "max_tokens" else "completed")
-                if stop_reason == "max_tokens":
-                    cut = {"reason": "max_output_tokens"}
+                if stop_reason in ("max_tokens", "refusal"):
+                    why = "max_output_tokens" if stop_reason == "max_tokens" else "content_filter"
+                    cut = {"reason": why}
                     response = self._response("incomplete", usage=usage, incomplete_details=cut)
                     return closed + self._event("response.incomplete", response=response)
                 response = self._response("completed", usage=usage)

@@ -25,7 +25,7 @@ TOOL_ARG_FRAGMENT: Final = 8  # characters per streamed arguments fragment
 FAULT_AFTER_DELTAS: Final = 3  # fail=reset|garbage|error_event strikes after this many deltas
 SIGNATURE: Final = "c2ltLXNpZ25hdHVyZQ=="  # base64 of "sim-signature"; opaque to clients
 
-StopReason = Literal["end_turn", "tool_use", "max_tokens"]
+StopReason = Literal["end_turn", "tool_use", "max_tokens", "refusal"]
 
 
 class RequestError(ValueError):
@@ -211,6 +211,8 @@ def build_script(directive: Directive, facts: Facts) -> list[Step]:
         steps = _inject(steps, Abort(), terminal=True)
     elif directive.fail == "error_event":
         steps = _inject(steps, ErrorEvent(), terminal=True)
+    elif directive.fail == "refusal":
+        steps = _inject(steps, Finish("refusal", FAULT_AFTER_DELTAS), terminal=True)
     return steps
 
 
