@@ -17,10 +17,16 @@ Errors are mapped to ``ModelError`` in ``Endpoint.error`` only:
     HTTP 408, 504, read timeout           timeout
     HTTP 400 naming the context window    context_length
     other HTTP statuses                   unknown (the message says what to check)
-    connection refused / reset / dropped  unavailable
+    connection refused / reset / dropped
+    before the response headers           unavailable
+    a connection reset or dropped after
+    the headers (whatever the exception)  bad_response (see ``adapters._failures``)
     not an event stream, bad JSON, bad
     tool arguments, an early end          bad_response
     an error object inside the stream     by its status or code, else unknown
+
+An error response's body is read up to ``MAX_ERROR_BODY`` (64 KiB) and the connection is
+then dropped; the message quotes the start of it.
 
 rate_limit, overloaded and unavailable are retried (``max_retries``) while no event has
 been yielded, i.e. up to the response headers: after Retry-After (capped at 60 s) or an
@@ -53,6 +59,8 @@ from runtime import (
     ToolCallEnd,
     TurnEnd,
 )
+
+from ._failures import MAX_ERROR_BODY, BoundedBody, Phase, transport_failure
 
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
 # Longer than the longest silent thinking phase we support.
@@ -171,20 +179,25 @@ class Endpoint:
             stack.push_async_callback(response.aclose)
             if response.is_success:
                 return response
-            await response.aread()
+            content, truncated = await read_error_body(response)
             raise ProviderError.of(
-                _error_member(response.content),
+                _error_member(content),
                 status=response.status_code,
                 retry_after=_retry_after(response.headers),
+                truncated=truncated,
             )
         except (httpx.HTTPError, ProviderError) as exc:
-            raise self.error(exc) from exc
+            raise self.error(exc, "connect") from exc
 
-    def error(self, exc: Exception) -> ModelError:
-        """The one place where provider and transport failures become ModelError."""
+    def error(self, exc: Exception, phase: Phase) -> ModelError:
+        """The one place where provider and transport failures become ModelError. ``phase``
+        says whether the failure came while opening the stream (up to its response
+        headers) or while reading it."""
         where = f"The provider at {self.base_url}"
         if isinstance(exc, ProviderError):
             detail = _short(exc.detail.replace(self.api_key, "***") if self.api_key else exc.detail)
+            if exc.truncated:
+                detail += f" (The error body was longer than {MAX_ERROR_BODY // 1024} KiB.)"
             kind, advice = _kind(exc.status, exc.code, detail, self.wording.key_env)
             if kind == "rate_limit" and exc.retry_after is not None:
                 advice = f"Wait {exc.retry_after:g} s before retrying, or lower the request rate."
@@ -220,12 +233,7 @@ class Endpoint:
                 f"points to {self.wording.server}.",
             )
         if isinstance(exc, httpx.TransportError):
-            return ModelError(
-                "unavailable",
-                f"The connection to the provider at {self.base_url} failed "
-                f"({type(exc).__name__}: {exc}). Check that the server is running and "
-                "reachable, then try again.",
-            )
+            return transport_failure(phase, where=where, detail=f"{type(exc).__name__}: {exc}")
         return ModelError(
             "bad_response",
             f"{where} sent a response that is not a valid {self.wording.stream} ({exc}). "
@@ -277,7 +285,7 @@ class Events:
                 sse = await anext(self._sse, None)
                 self._pending.extend(self._parser.feed(None if sse is None else sse.data))
             except (httpx.HTTPError, ValueError, ProviderError) as exc:
-                raise self._endpoint.error(exc) from exc
+                raise self._endpoint.error(exc, "stream") from exc
         item = self._pending.popleft()
         if isinstance(item, ModelError):
             raise item
@@ -331,6 +339,17 @@ class StreamedCall:
     def add(self, fragment: str) -> ToolCallArgs:
         self.fragments.append(fragment)
         return ToolCallArgs(self.id, fragment)
+
+    def end_at_limit(self) -> ToolCallEnd | None:
+        """The call, if its arguments are whole, when the output limit ended the turn
+        (max_tokens); None if the limit cut them off (or before any came): such a call is
+        dropped, as a stop drops it, since it never ran."""
+        if not "".join(self.fragments).strip():
+            return None
+        try:
+            return self.end()
+        except BadResponse:
+            return None
 
     def end(self) -> ToolCallEnd:
         """The call with its arguments, which must make one JSON object ("" is {})."""
@@ -389,6 +408,7 @@ class ProviderError(Exception):
         code: str | None = None,
         retry_after: float | None = None,
         in_stream: bool = False,
+        truncated: bool = False,
     ):
         # Not the detail, which may quote the key: a traceback prints this exception's args.
         super().__init__(f"HTTP {status}" if status else "an error reported by the provider")
@@ -397,10 +417,16 @@ class ProviderError(Exception):
         self.code = code
         self.retry_after = retry_after
         self.in_stream = in_stream
+        self.truncated = truncated  # the error body was longer than what was read
 
     @classmethod
     def of(
-        cls, error: object, *, status: int | None = None, retry_after: float | None = None
+        cls,
+        error: object,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        truncated: bool = False,
     ) -> ProviderError:
         """From an error object: of an error response (``status``), or inside the stream
         (no status), where OpenRouter and Gemini put an HTTP status in its code."""
@@ -411,7 +437,24 @@ class ProviderError(Exception):
             code=code if isinstance(code, str) else None,
             retry_after=retry_after,
             in_stream=status is None,
+            truncated=truncated,
         )
+
+
+async def read_error_body(response: httpx.Response) -> tuple[bytes, bool]:
+    """At most ``MAX_ERROR_BODY`` bytes of an error response's body, and whether there was
+    more. A body that breaks off gives none (the message then says "no details")."""
+    body = response.stream = _BoundedBody(response.stream)
+    try:
+        await response.aread()
+    except httpx.TransportError:
+        return b"", True
+    return response.content, body.truncated
+
+
+@final
+class _BoundedBody(BoundedBody, httpx.AsyncByteStream):
+    """``BoundedBody`` as the httpx stream that ``Response.aread`` requires."""
 
 
 def _error_member(content: bytes) -> object:

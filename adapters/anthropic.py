@@ -22,10 +22,17 @@ Errors are mapped at one boundary, ``_model_error`` (kind: cause):
 - ``overloaded``: HTTP 529 or an in-stream ``overloaded_error`` event.
 - ``context_length``: HTTP 400 about the context window ("prompt is too long").
 - ``unavailable``: other 5xx or an in-stream ``api_error``; no connection, or a reset
-  before the response headers (``APIConnectionError``); all after the SDK's retries.
+  before the response headers; all after the SDK's retries.
 - ``timeout``: ``APITimeoutError`` (connect) or a read timeout mid-stream.
 - ``bad_response``: after the headers, a reset, an EOF before the turn ended, or bytes
   that are not the expected events; tool-call arguments that are not a JSON object.
+
+A broken connection is classified by phase, not by exception class (see
+``adapters._failures``): failing in ``__aenter__`` (up to the response headers) is
+``unavailable``, failing while the events are read is ``bad_response``, whichever class
+the SDK release raises (2.17 wraps a body that breaks off in ``APIConnectionError``;
+earlier releases let httpx2's ``RemoteProtocolError`` through). The SDK retries only while
+opening the stream, so a turn that broke off is never retried.
 - ``refusal``: ``stop_reason == "refusal"`` (after its usage report).
 - ``unknown``: anything else (401, 403, 404, other 400s); the message says what to check.
 """
@@ -65,6 +72,8 @@ from runtime import (
     TurnEnd,
     UsageReport,
 )
+
+from ._failures import MAX_ERROR_BODY, BoundedBody, Phase, transport_failure
 
 CONNECT_TIMEOUT: Final = 5.0
 # Must exceed the longest silent thinking phase we support: the provider may send
@@ -111,11 +120,17 @@ async def open_anthropic(
 
     ``api_key`` defaults to ``ANTHROPIC_API_KEY``, ``base_url`` to ``ANTHROPIC_BASE_URL``
     (then the public API). ``http_client`` is for tests and custom transports (an
-    ``httpx2`` client, which the SDK closes with itself).
+    ``httpx2`` client, which the SDK closes with itself). Either way the client gets a
+    response hook that bounds error bodies to ``MAX_ERROR_BODY`` (the SDK reads them whole).
     """
     key = api_key or os.environ.get("ANTHROPIC_API_KEY")
     if not key:
         raise ValueError("No Anthropic API key: set ANTHROPIC_API_KEY or pass api_key=.")
+    if http_client is None:  # the SDK's own default, made here to add the hook below
+        http_client = anthropic.DefaultAsyncHttpxClient()
+    hooks = http_client.event_hooks
+    hooks["response"] = [*hooks.get("response", []), _bound_error_body]
+    http_client.event_hooks = hooks
     async with anthropic.AsyncAnthropic(
         api_key=key,
         base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL") or None,
@@ -143,6 +158,9 @@ class _Turn:
     # Mapped events not yet handed out; a ModelError in here is raised in its turn.
     _pending: deque[ModelEvent | ModelError] = attrs.Factory(deque)
     _tool_calls: dict[int, tuple[str, list[str]]] = attrs.Factory(dict)  # index -> id, args
+    # A tool call whose arguments did not parse: dropped if the turn then ends with
+    # max_tokens (the limit cut it off; it never ran), else the turn fails with this.
+    _unparsed: ModelError | None = None
     _ended: bool = False  # a TurnEnd was mapped
     _sdk_done: bool = False  # the SDK's iteration raised (its end, an error, a cancel)
 
@@ -152,8 +170,8 @@ class _Turn:
         self._manager = self._client.messages.stream(**self._params)
         try:
             self._stream = await self._manager.__aenter__()
-        except anthropic.APIError as exc:
-            raise _model_error(exc, self._client) from exc
+        except (anthropic.APIError, httpx2.TransportError) as exc:
+            raise _model_error(exc, self._client, "connect") from exc
         return self
 
     async def __aexit__(
@@ -163,9 +181,15 @@ class _Turn:
         tb: TracebackType | None,
     ) -> None:
         assert self._manager is not None
-        if self._stream is not None and not self._sdk_done:
-            await self._unwind(self._stream)
-        await self._manager.__aexit__(exc_type, exc, tb)
+        try:
+            if self._stream is not None and not self._sdk_done:
+                await self._unwind(self._stream)
+        finally:
+            # Every exit closes the SDK's response here, not in the garbage collector:
+            # whatever _unwind raised, and even with a stop already pending (a refusal
+            # racing an abort), which would otherwise land on the close's first checkpoint.
+            with trio.move_on_after(END_GRACE, shield=True):
+                await self._manager.__aexit__(exc_type, exc, tb)
 
     async def _unwind(self, stream: AsyncMessageStream[Any]) -> None:
         """The consumer left before the stream ended (a break, an error in its loop, a
@@ -203,7 +227,7 @@ class _Turn:
                     "retry the turn.",
                 ) from None
             except Exception as exc:
-                raise _model_error(exc, self._client) from exc
+                raise _model_error(exc, self._client, "stream") from exc
             self._pending.extend(self._map(event))
         item = self._pending.popleft()
         if isinstance(item, ModelError):
@@ -233,7 +257,11 @@ class _Turn:
                 return self._map_delta(event.index, event.delta)
             case "content_block_stop" if event.index in self._tool_calls:
                 call_id, fragments = self._tool_calls.pop(event.index)
-                return [_tool_call_end(call_id, "".join(fragments))]
+                end = _tool_call_end(call_id, "".join(fragments))
+                if isinstance(end, ModelError):
+                    self._unparsed = self._unparsed or end
+                    return []
+                return [end]
             case "message_delta":
                 usage = event.usage
                 mapped: list[ModelEvent | ModelError] = [
@@ -248,6 +276,8 @@ class _Turn:
                             "something else.",
                         )
                     )
+                elif self._unparsed is not None and stop_reason not in (None, "max_tokens"):
+                    mapped.append(self._unparsed)
                 elif stop_reason is not None:
                     self._ended = True
                     mapped.append(TurnEnd(stop_reason=stop_reason))
@@ -287,22 +317,24 @@ def _tool_call_end(call_id: str, text: str) -> ToolCallEnd | ModelError:
 _CONTEXT_WORDS: Final = ("prompt is too long", "context window", "context length", "context limit")
 
 
-def _model_error(exc: Exception, client: anthropic.AsyncAnthropic) -> ModelError:
-    """The one boundary where provider failures become ``ModelError``s."""
+def _model_error(exc: Exception, client: anthropic.AsyncAnthropic, phase: Phase) -> ModelError:
+    """The one boundary where provider failures become ``ModelError``s. ``phase`` is where
+    the failure was caught: opening the stream (``connect``) or reading it (``stream``)."""
     if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
         return ModelError(
             "timeout",
             "The Anthropic API did not answer in time; retry, or raise read_timeout if the "
             "model thinks silently for longer.",
         )
-    if isinstance(exc, anthropic.APIConnectionError):
-        return ModelError(
-            "unavailable",
-            f"Could not reach the Anthropic API at {client.base_url}; check the network "
-            "and ANTHROPIC_BASE_URL, then retry.",
-        )
     if isinstance(exc, anthropic.APIStatusError):
         return _status_error(exc, client)
+    if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
+        detail = _redact(f"{type(exc).__name__}: {exc}", client.api_key)
+        where = f"The Anthropic API at {client.base_url}"
+        error = transport_failure(phase, where=where, detail=detail)
+        if phase == "connect":
+            error = ModelError(error.kind, f"{error} Check ANTHROPIC_BASE_URL too.")
+        return error
     # After the headers: a reset, a premature EOF, or bytes that are not the SSE we expect.
     return ModelError(
         "bad_response",
@@ -310,9 +342,27 @@ def _model_error(exc: Exception, client: anthropic.AsyncAnthropic) -> ModelError
     )
 
 
+async def _bound_error_body(response: httpx2.Response) -> None:
+    """The client's response hook: an error response's body is read up to
+    ``MAX_ERROR_BODY`` bytes, however much the server sends (see ``adapters._failures``)."""
+    if not response.is_success:
+        response.stream = _BoundedBody(response.stream)
+
+
+@final
+class _BoundedBody(BoundedBody, httpx2.AsyncByteStream):
+    """``BoundedBody`` as the httpx2 stream that ``Response.aread`` requires."""
+
+
 def _status_error(exc: anthropic.APIStatusError, client: anthropic.AsyncAnthropic) -> ModelError:
     status, error_type = exc.status_code, exc.type
-    detail = _redact(exc.api_message or str(error_type or "no details"), client.api_key)
+    detail = exc.api_message or str(error_type or "no details")
+    body = exc.response.stream
+    if isinstance(body, _BoundedBody) and body.truncated:  # not JSON, so no api_message
+        text = exc.response.text.strip()
+        text = text if len(text) <= 300 else f"{text[:300]}..."
+        detail = f"{text} (the error body was longer than {MAX_ERROR_BODY // 1024} KiB)"
+    detail = _redact(detail, client.api_key)
     # An error event inside a 200 stream carries only its type.
     where = f"HTTP {status}" if status != 200 else "an error event in the stream"
     if status == 429 or error_type == "rate_limit_error":

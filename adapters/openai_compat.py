@@ -248,7 +248,10 @@ class _Turn(Parser):
             index = field(fragment, "index", int)
             events += self._tool_fragment(position if index is None else index, fragment)
         if (reason := field(choice, "finish_reason", str)) and self.stop_reason is None:
-            events += [call.end() for call in self._calls.values()]
+            if reason == "length":  # the limit may have cut the last call's arguments
+                events += [e for c in self._calls.values() if (e := c.end_at_limit())]
+            else:
+                events += [call.end() for call in self._calls.values()]
             if self._calls and reason == "stop":
                 reason = "tool_calls"  # some local servers say "stop" after tool calls
             self.stop_reason = _STOP_REASONS.get(reason, reason)

@@ -166,6 +166,9 @@ class _Turn(Parser):
 
     _calls: dict[int, StreamedCall] = attrs.Factory(dict)  # by output_index
     _refusal: list[str] = attrs.Factory(list)
+    # A call whose arguments do not parse: dropped if the turn then ends at the output
+    # limit (max_output_tokens cut it off), else the turn fails with this.
+    _unparsed: BadResponse | None = None
 
     def payload(self, data: str) -> list[ModelEvent | ModelError]:
         if self.stop_reason is not None:
@@ -217,7 +220,13 @@ class _Turn(Parser):
         events: list[ModelEvent | ModelError] = []
         if not call.fragments and (arguments := field(item, "arguments", str)):
             events.append(call.add(arguments))
-        return [*events, call.end()]
+        if item.get("status") == "incomplete":  # cut off by the output limit: never ran
+            return events
+        try:
+            return [*events, call.end()]
+        except BadResponse as exc:
+            self._unparsed = self._unparsed or exc
+            return events
 
     def _finish(self, kind: str, response: Mapping[str, Any]) -> list[ModelEvent | ModelError]:
         events: list[ModelEvent | ModelError] = []
@@ -235,6 +244,8 @@ class _Turn(Parser):
             return [*events, ModelError("refusal", _refusal_message(said))]
         if reason == "max_output_tokens":
             self.stop_reason = "max_tokens"
+        elif self._unparsed is not None:
+            raise self._unparsed
         elif reason is not None:
             self.stop_reason = reason
         else:

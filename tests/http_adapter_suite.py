@@ -31,15 +31,19 @@ import trio.testing
 from adapters import _http
 from runtime import (
     Block,
+    MemoryStore,
     Message,
     Model,
     ModelError,
     ModelEvent,
     ModelRequest,
+    RunFinished,
+    Runtime,
     TextBlock,
     TextChunk,
     ThinkingBlock,
     ThinkingChunk,
+    Tool,
     ToolCallArgs,
     ToolCallBegin,
     ToolCallEnd,
@@ -48,10 +52,12 @@ from runtime import (
     ToolUseBlock,
     TurnEnd,
     UsageReport,
+    validate_history,
 )
 
 FAKE_KEY = "sk-fake-0123456789abcdef"
 IO_BOUND = 30.0  # as in conftest.py
+HUGE_ERROR = 32 * 1024 * 1024  # bytes of error body: far more than socket buffers hold
 CLOSE_BOUND = 2.0  # "closed at once", generously: a busy CI machine may be slow
 TOOLS = (ToolSpec("lookup", "Look a thing up.", {"type": "object"}),)
 
@@ -134,11 +140,13 @@ async def smoke(model: Model, max_tokens: int) -> None:
 @attrs.define(eq=False)
 class Proxy:
     """A TCP proxy in front of the sim that counts connections and notes when each one
-    ends. While ``silent``, it answers nothing: a provider stuck before its headers."""
+    ends. While ``silent``, it answers nothing: a provider stuck before its headers. While
+    ``hang_up``, it reads the request and closes: a connection dropped before the headers."""
 
     target_port: int
     port: int = 0
     silent: bool = False
+    hang_up: bool = False
     accepted: int = 0
     request_seen: trio.Event = attrs.Factory(trio.Event)
     closed: trio.Event = attrs.Factory(trio.Event)  # set when the first connection ends
@@ -150,6 +158,9 @@ class Proxy:
             if self.silent:
                 while await client.receive_some():
                     self.request_seen.set()
+                return
+            if self.hang_up:
+                await client.receive_some()
                 return
             async with await trio.open_tcp_stream("127.0.0.1", self.target_port) as upstream:
                 async with trio.open_nursery() as nursery:
@@ -242,6 +253,31 @@ async def closed_by_client(sim: Any, stopped_at: float) -> None:
 async def next_turn_completes(model: Model) -> None:
     events = await collect(model, request("#sim words=5 rate=1000"))
     assert len(text_of(events).split()) == 5 and events[-1] == TurnEnd("end_turn")
+
+
+async def max_tokens_mid_tool_arguments(model: Model) -> None:
+    """The output limit cuts a tool call's arguments (the sim's max_tokens=2): the turn
+    ends with max_tokens and no ToolCallEnd, and a run through the runtime finishes
+    normally with the call dropped, as a stop drops a cut-off call: it never ran."""
+    prompt = "Look it up.\n#sim tool=lookup max_tokens=2 rate=1000"
+    ran: list[object] = []
+
+    async def lookup(arguments: Any) -> str:
+        ran.append(arguments)
+        return "found it"
+
+    with trio.fail_after(IO_BOUND):
+        events = await collect(model, ModelRequest([user(prompt)], tools=TOOLS))
+        assert events[-1] == TurnEnd("max_tokens") and not saw(ToolCallEnd)(events)
+        store = MemoryStore()
+        async with Runtime(model=model, store=store, tools=[Tool("lookup", lookup)]) as rt:
+            end = await (await rt.start_run("s", prompt)).wait()
+        history = await store.history("s")
+    assert isinstance(end, RunFinished), end
+    assert end.stop_reason == "max_tokens" and ran == []
+    validate_history(history)
+    assert [m.role for m in history] == ["user"]  # the cut-off call was all it said
+    assert not any(isinstance(b, ToolUseBlock) for m in history for b in m.content)
 
 
 class AdapterSuite:
@@ -340,6 +376,40 @@ class AdapterSuite:
                 proxy.silent = False
                 await next_turn_completes(model)
 
+    async def test_a_connection_dropped_before_the_headers_is_unavailable_and_retried(
+        self, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Classified by phase: nothing was delivered, so it is retried, then reported as
+        unavailable (a drop after the headers is bad_response: see test_sim_errors)."""
+        monkeypatch.setattr(_http, "BACKOFF_BASE", 0.01)
+        proxy.hang_up = True
+        with trio.fail_after(IO_BOUND):
+            async with self.open_model(proxy.port, max_retries=2) as model:
+                with pytest.raises(ModelError) as caught:
+                    await collect(model, request())
+                assert caught.value.kind == "unavailable" and proxy.accepted == 3
+                assert str(caught.value).endswith(".") and FAKE_KEY not in str(caught.value)
+                proxy.hang_up = False
+                await next_turn_completes(model)
+
+    async def test_sim_max_tokens_mid_tool_arguments_drops_the_call(self, sim: Any) -> None:
+        async with self.open_model(sim.port) as model:
+            await max_tokens_mid_tool_arguments(model)
+
+    async def test_a_huge_error_body_is_read_only_in_part(self, sim: Any) -> None:
+        """A 32 MiB error body: the adapter reads 64 KiB, hangs up (the sim records the
+        client's close before the body's end) and quotes the start of it."""
+        with trio.fail_after(IO_BOUND):
+            async with self.open_model(sim.port, max_retries=0) as model:
+                with pytest.raises(ModelError) as caught:
+                    await collect(model, request(f"#sim fail=500 error_bytes={HUGE_ERROR}"))
+                [record] = await sim.wait_closed(count=1)
+                assert (record.status, record.closed_by) == (500, "client")
+                await next_turn_completes(model)
+        error = caught.value
+        assert error.kind == "unavailable" and "Simulated HTTP 500" in str(error)
+        assert "longer than 64 KiB" in str(error) and len(str(error)) < 1000
+
     async def test_pool_reuses_complete_connections_and_drops_stopped_ones(
         self, proxy: Proxy
     ) -> None:
@@ -391,7 +461,8 @@ class AdapterSuite:
             ("#sim fail=429 retry_after=7", "rate_limit"),
             ("#sim fail=500", "unavailable"),
             ("#sim fail=529", "overloaded"),
-            ("#sim fail=reset rate=1000", "unavailable"),  # dropped mid-stream: a network failure
+            # dropped after the headers: never retried, whatever the exception class
+            ("#sim fail=reset rate=1000", "bad_response"),
             ("#sim fail=garbage rate=1000", "bad_response"),
             ("#sim fail=error_event rate=1000", None),  # the adapter's ERROR_EVENT_KIND
         ],

@@ -16,6 +16,7 @@ from typing import Any
 import httpx2
 import pytest
 import trio
+import trio.testing
 
 from adapters.anthropic import AnthropicModel, open_anthropic
 from runtime._history import Message, TextBlock, ThinkingBlock, ToolResultBlock, ToolUseBlock
@@ -32,7 +33,14 @@ from runtime._model import (
     TurnEnd,
     UsageReport,
 )
-from tests.http_adapter_suite import collect, request, user
+from tests.http_adapter_suite import (
+    Proxy,
+    collect,
+    max_tokens_mid_tool_arguments,
+    request,
+    start_proxy,
+    user,
+)
 
 FAKE_KEY = "sk-ant-fake-0123456789abcdef"
 
@@ -334,6 +342,78 @@ async def test_connection_error_is_unavailable(autojump_clock: Any) -> None:
     assert "http://anthropic.test" in str(caught.value)
 
 
+class _BreaksAfter(httpx2.AsyncByteStream):
+    """A 200 body that sends ``head`` and then fails with ``error``, as a connection reset
+    after the headers does."""
+
+    def __init__(self, head: bytes, error: Exception) -> None:
+        self._head, self._error = head, error
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self._head
+        raise self._error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        httpx2.RemoteProtocolError("peer closed connection without sending complete message"),
+        httpx2.ReadError("connection reset by peer"),
+        httpx2.ConnectError("a release that names it a connection error"),
+    ],
+    ids=type,
+)
+async def test_a_break_after_the_headers_is_bad_response_whatever_the_class(
+    autojump_clock: Any, error: Exception
+) -> None:
+    """Classified by phase: a body that breaks off after some output is bad_response and
+    is not retried, whatever exception (or SDK wrapper of it) the release raises."""
+    attempts: list[httpx2.Request] = []
+    head = _sse(_start(), _block_start(0, {"type": "text", "text": ""}))
+    head += _sse(_delta(0, {"type": "text_delta", "text": "Hel"}))
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        attempts.append(request)
+        return httpx2.Response(
+            200, headers={"content-type": "text/event-stream"}, stream=_BreaksAfter(head, error)
+        )
+
+    seen: list[ModelEvent] = []
+    async with _mock_model(handler, max_retries=2) as model:
+        with pytest.raises(ModelError) as caught:
+            async with model.stream(request()) as events:
+                async for event in events:
+                    seen.append(event)
+    assert caught.value.kind == "bad_response"
+    assert TextChunk("Hel") in seen and len(attempts) == 1
+    assert str(caught.value).endswith(".") and FAKE_KEY not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        httpx2.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx2.ReadError("connection reset by peer"),
+        httpx2.ConnectError("connection refused"),
+    ],
+    ids=type,
+)
+async def test_a_break_before_the_headers_is_unavailable_and_retried(
+    autojump_clock: Any, error: Exception
+) -> None:
+    attempts: list[httpx2.Request] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        attempts.append(request)
+        raise error
+
+    async with _mock_model(handler, max_retries=2) as model:
+        with pytest.raises(ModelError) as caught:
+            await collect(model, request())
+    assert caught.value.kind == "unavailable" and len(attempts) == 3
+    assert str(caught.value).endswith(".") and FAKE_KEY not in str(caught.value)
+
+
 async def test_server_errors_are_retried_by_the_sdk(autojump_clock: Any) -> None:
     attempts: list[float] = []
 
@@ -626,6 +706,73 @@ async def _cancel_when_refused(sim: Any, scope: trio.CancelScope) -> None:
     await sim.wait_closed()
     await trio.sleep(0.2)  # well into the backoff
     scope.cancel(reason="test stop")
+
+
+@pytest.mark.parametrize("where", ["in-the-loop", "on-exit"])
+async def test_sim_a_stop_racing_a_refusal_closes_the_response(
+    sim: Any, io_bound: float, where: str
+) -> None:
+    """The refusal is raised and the stop lands at that instant: in the consumer's loop, or
+    as the turn's ``async with`` exits. The SDK's response is closed on the spot (no
+    generator or response left to the garbage collector: warnings are errors), the stop
+    wins, and the client serves the next turn."""
+    async with trio.open_nursery() as nursery:
+        proxy = await start_proxy(sim, nursery)
+        with trio.fail_after(io_bound):
+            await _refusal_then_stop(proxy, where)
+            await trio.testing.wait_all_tasks_blocked()
+        # Every connection but the pooled one was closed: none is held by a response
+        # that nobody closed.
+        assert proxy.accepted - len(proxy.closed_at) <= 1, (proxy.accepted, proxy.closed_at)
+        nursery.cancel_scope.cancel()
+
+
+async def _refusal_then_stop(proxy: Proxy, where: str) -> None:
+    async with open_anthropic(
+        model="claude-sim",
+        api_key=FAKE_KEY,
+        base_url=f"http://127.0.0.1:{proxy.port}",
+        max_retries=0,
+    ) as model:
+        with trio.CancelScope() as scope:
+            try:
+                async with model.stream(request("#sim fail=refusal rate=1000")) as events:
+                    try:
+                        async for _ in events:
+                            pass
+                    except ModelError as exc:
+                        assert exc.kind == "refusal"
+                        scope.cancel(reason="test stop")
+                        if where == "in-the-loop":
+                            await trio.sleep(1)  # the stop lands here
+                        raise
+            except ModelError:
+                pass
+        gc.collect()
+        await trio.sleep(0.1)  # a finalizer would run (and warn) now
+        await _complete_turn(model)
+        await _complete_turn(model)
+
+
+async def test_sim_max_tokens_mid_tool_arguments_drops_the_call(sim: Any) -> None:
+    async with _sim_model(sim) as model:
+        await max_tokens_mid_tool_arguments(model)
+
+
+async def test_sim_a_huge_error_body_is_read_only_in_part(sim: Any, io_bound: float) -> None:
+    """The SDK reads an error body whole; the adapter's response hook bounds it to 64 KiB,
+    so the client hangs up on a 32 MiB body (the sim records it) and quotes its start."""
+    with trio.fail_after(io_bound):
+        async with _sim_model(sim) as model:
+            with pytest.raises(ModelError) as caught:
+                await collect(model, request(f"#sim fail=500 error_bytes={32 * 1024 * 1024}"))
+            [record] = await sim.wait_closed(count=1)
+            assert (record.status, record.closed_by) == (500, "client")
+            await _complete_turn(model)
+    error = caught.value
+    assert error.kind == "unavailable" and "Simulated HTTP 500" in str(error)
+    assert "longer than 64 KiB" in str(error) and len(str(error)) < 1000
+    assert FAKE_KEY not in str(error)
 
 
 @pytest.mark.parametrize(

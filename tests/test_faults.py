@@ -103,7 +103,7 @@ def check_store_error(payload: Frame, says: str) -> None:
         pytest.param("#sim fail=529", "unknown", "overloaded", 2, id="529"),
         # after the third delta: never retried, the text so far is kept
         pytest.param("#sim fail=garbage rate=1000", "unknown", "bad_response", 1, id="bad-sse"),
-        pytest.param("#sim fail=reset rate=1000", "unknown", "unavailable", 1, id="reset"),
+        pytest.param("#sim fail=reset rate=1000", "unknown", "bad_response", 1, id="reset"),
         pytest.param("#sim words=50 rate=1000 pause_at=3:60", "timeout", "timeout", 1, id="stall"),
     ],
 )

@@ -238,6 +238,18 @@ def test_anything_after_the_terminal_event_is_ignored() -> None:
     ]
 
 
+def test_a_call_cut_off_by_the_output_limit_is_dropped() -> None:
+    cut = {"reason": "max_output_tokens"}
+    events = _feed(
+        _call_added(0, "c", "f"),
+        _call_done(0, '{"text": "cut'),
+        _completed("response.incomplete", status="incomplete", incomplete_details=cut),
+        None,
+    )
+    assert not any(isinstance(e, ToolCallEnd) for e in events)
+    assert events[-1] == TurnEnd("max_tokens")
+
+
 @pytest.mark.parametrize(
     "payloads",
     [
@@ -245,8 +257,9 @@ def test_anything_after_the_terminal_event_is_ignored() -> None:
         ["[1, 2]"],
         [_event("response.output_text.delta", delta=5)],
         [_event("response.output_item.added", output_index=0, item={"type": "function_call"})],
-        [_call_added(0, "c", "f"), _call_done(0, "{")],
-        [_call_added(0, "c", "f"), _call_done(0, "[]")],
+        # arguments that do not parse fail a turn that did not end at the output limit
+        [_call_added(0, "c", "f"), _call_done(0, "{"), _completed()],
+        [_call_added(0, "c", "f"), _call_done(0, "[]"), _completed()],
         [_event("response.output_text.delta", delta="cut"), None],  # no terminal event
     ],
 )

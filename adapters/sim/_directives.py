@@ -17,8 +17,14 @@ Keys (all optional; the first ``#sim`` line of the message counts):
 - ``fail=429|500|529`` that HTTP error at once (``retry_after=S``, default 1, sets the
   429's retry-after header); ``fail=reset`` drops the connection, ``fail=garbage`` sends a
   malformed event, ``fail=error_event`` sends a provider error event and ends the
-  response, each after the third delta. ``fail_count=K`` fails only the first K requests
-  carrying this exact line.
+  response, ``fail=refusal`` ends the turn as a refusal (stop_reason refusal; OpenAI:
+  content_filter; Gemini: SAFETY), each after the third delta. ``fail_count=K`` fails
+  only the first K requests carrying this exact line. ``error_bytes=N`` (with
+  fail=429|500|529) pads the error body to N bytes and sends it in 64 KiB pieces,
+  stopping if the client hangs up: a provider answering with a huge error body.
+- ``max_tokens=N`` answers as if the request's output limit were N deltas: the text
+  reply stops after N words, and a tool call's arguments after N fragments (the call
+  never completes), each ending the turn with max_tokens.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import attrs
 
 PREFIX: Final = "#sim"
 
-FailKind = Literal["429", "500", "529", "reset", "garbage", "error_event"]
+FailKind = Literal["429", "500", "529", "reset", "garbage", "error_event", "refusal"]
 HTTP_FAILS: Final[frozenset[str]] = frozenset({"429", "500", "529"})
 
 DEFAULT_RATE: Final = 30.0  # words per second when no rate= is given
@@ -60,6 +66,8 @@ class Directive:
     fail: FailKind | None = None
     retry_after: float = 1.0
     fail_count: int | None = None  # None: fail every request carrying this line
+    error_bytes: int | None = None  # pad an HTTP error body to this many bytes
+    max_tokens: int | None = None  # overrides the request's output limit (in deltas)
     line: str = ""  # the directive line as written, which keys fail_count
 
 
@@ -101,6 +109,10 @@ def parse_directive(text: str) -> Directive:
         raise DirectiveError("fail_count", "#sim directive key 'fail_count' needs fail=... too.")
     if "retry_after" in values and fail != "429":
         raise DirectiveError("retry_after", "#sim directive key 'retry_after' needs fail=429.")
+    if "error_bytes" in values and fail not in HTTP_FAILS:
+        raise DirectiveError(
+            "error_bytes", "#sim directive key 'error_bytes' needs fail=429, 500 or 529."
+        )
     if "repeat" in values and "tool" not in values:
         raise DirectiveError("repeat", "#sim directive key 'repeat' needs tool=NAME too.")
     return Directive(line=line, **values)
@@ -169,4 +181,6 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "fail": _fail,
     "retry_after": _number,
     "fail_count": lambda key, value: _int(key, value, minimum=1),
+    "error_bytes": lambda key, value: _int(key, value, minimum=1),
+    "max_tokens": lambda key, value: _int(key, value, minimum=0),
 }

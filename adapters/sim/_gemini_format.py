@@ -42,7 +42,12 @@ from ._script import (
 
 PATH_PATTERN: Final = re.compile(r"/v1beta/models/[^/:]+:streamGenerateContent")
 
-_FINISH_REASONS: Final = {"end_turn": "STOP", "tool_use": "STOP", "max_tokens": "MAX_TOKENS"}
+_FINISH_REASONS: Final = {
+    "end_turn": "STOP",
+    "tool_use": "STOP",
+    "max_tokens": "MAX_TOKENS",
+    "refusal": "SAFETY",
+}
 _STATUSES: Final = {
     400: "INVALID_ARGUMENT",
     404: "NOT_FOUND",

@@ -35,7 +35,12 @@ from ._script import (
 
 PATH: Final = "/v1/chat/completions"
 
-_FINISH_REASONS: Final = {"end_turn": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
+_FINISH_REASONS: Final = {
+    "end_turn": "stop",
+    "tool_use": "tool_calls",
+    "max_tokens": "length",
+    "refusal": "content_filter",
+}
 _ERRORS: Final = {  # status -> (type, code)
     400: ("invalid_request_error", None),
     404: ("invalid_request_error", "not_found"),

@@ -83,9 +83,11 @@ class ResponsesRenderer:
                     "output_tokens_details": {"reasoning_tokens": 0},
                     "total_tokens": self._input_tokens + output_tokens,
                 }
-                closed = self._close()
-                if stop_reason == "max_tokens":
-                    cut = {"reason": "max_output_tokens"}
+                # An item the limit cut off is "incomplete", as the API marks it.
+                closed = self._close("incomplete" if stop_reason == "max_tokens" else "completed")
+                if stop_reason in ("max_tokens", "refusal"):
+                    why = "max_output_tokens" if stop_reason == "max_tokens" else "content_filter"
+                    cut = {"reason": why}
                     response = self._response("incomplete", usage=usage, incomplete_details=cut)
                     return closed + self._event("response.incomplete", response=response)
                 response = self._response("completed", usage=usage)
@@ -150,7 +152,7 @@ class ResponsesRenderer:
         self._text += text
         return self._event(kind, **self._where(), delta=text, **fields)
 
-    def _close(self) -> bytes:
+    def _close(self, status: str = "completed") -> bytes:
         """The done events of the open item, which joins the response's output."""
         item = self._item
         if item is None:
@@ -172,7 +174,7 @@ class ResponsesRenderer:
         else:
             data += self._event("response.function_call_arguments.done", **where, arguments=text)
             done = {**item, "arguments": text}
-        done["status"] = "completed"
+        done["status"] = status
         data += self._event("response.output_item.done", output_index=self._index(), item=done)
         self._output.append(done)
         self._item = None

@@ -25,7 +25,7 @@ TOOL_ARG_FRAGMENT: Final = 8  # characters per streamed arguments fragment
 FAULT_AFTER_DELTAS: Final = 3  # fail=reset|garbage|error_event strikes after this many deltas
 SIGNATURE: Final = "c2ltLXNpZ25hdHVyZQ=="  # base64 of "sim-signature"; opaque to clients
 
-StopReason = Literal["end_turn", "tool_use", "max_tokens"]
+StopReason = Literal["end_turn", "tool_use", "max_tokens", "refusal"]
 
 
 class RequestError(ValueError):
@@ -171,22 +171,30 @@ def build_script(directive: Directive, facts: Facts) -> list[Step]:
             emit(ThinkingDelta(word if index == len(THINKING_WORDS) - 1 else word + " "))
         steps.append(ThinkingSignature(SIGNATURE))
 
+    limit = directive.max_tokens if directive.max_tokens is not None else facts.max_tokens
     done = facts.results_for(directive.tool) if directive.tool else 0
     if directive.tool is not None and done < directive.repeat:
         steps.append(ToolCallBegin(done + 1, directive.tool))
         arguments = json.dumps(
             {"text": " ".join(reply_words(TOOL_ARG_WORDS, start=done * TOOL_ARG_WORDS))}
         )
-        for start in range(0, len(arguments), TOOL_ARG_FRAGMENT):
-            emit(ToolArgsDelta(arguments[start : start + TOOL_ARG_FRAGMENT]))
-        steps += [ToolCallEnd(), gap, Finish("tool_use", deltas)]
+        fragments = [
+            arguments[start : start + TOOL_ARG_FRAGMENT]
+            for start in range(0, len(arguments), TOOL_ARG_FRAGMENT)
+        ]
+        for fragment in fragments[:limit]:
+            emit(ToolArgsDelta(fragment))
+        if limit is not None and limit < len(fragments):
+            steps += [gap, Finish("max_tokens", deltas)]  # cut off mid arguments
+        else:
+            steps += [ToolCallEnd(), gap, Finish("tool_use", deltas)]
     else:
         count = directive.words
         if count is None:
             count = SHORT_REPLY_WORDS if directive.tool is not None else DEFAULT_WORDS
         stop: StopReason = "end_turn"
-        if facts.max_tokens is not None and count > facts.max_tokens:
-            count, stop = facts.max_tokens, "max_tokens"
+        if limit is not None and count > limit:
+            count, stop = limit, "max_tokens"
         words = reply_words(count)
         pause_after, pause = directive.pause_at or (-1, 0.0)
         if pause_after == 0:
@@ -203,6 +211,8 @@ def build_script(directive: Directive, facts: Facts) -> list[Step]:
         steps = _inject(steps, Abort(), terminal=True)
     elif directive.fail == "error_event":
         steps = _inject(steps, ErrorEvent(), terminal=True)
+    elif directive.fail == "refusal":
+        steps = _inject(steps, Finish("refusal", FAULT_AFTER_DELTAS), terminal=True)
     return steps
 
 

@@ -38,6 +38,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 CONNECTIONS_PATH: Final = "/v1/_sim/connections"
+ERROR_PIECE: Final = 64 * 1024  # bytes per body message of an error_bytes=N response
 _FORMATS: Final[dict[str, WireFormat]] = {
     _anthropic_format.PATH: _anthropic_format.AnthropicFormat(),
     _openai_format.PATH: _openai_format.OpenAIFormat(),
@@ -180,6 +181,12 @@ class _SimApp:
                 if status == 429:
                     headers.append((b"retry-after", f"{directive.retry_after:g}".encode()))
                 message = f"Simulated HTTP {status} (#sim fail={directive.fail})."
+                if directive.error_bytes is not None:
+                    padding = directive.error_bytes - len(wire.error_body(status, message))
+                    message += " " + "x" * max(padding - 1, 0)
+                    body = wire.error_body(status, message)
+                    await self._refuse_in_pieces(record_id, receive, send, status, body)
+                    return
                 await self._refuse(
                     record_id, send, status, wire.error_body(status, message), headers
                 )
@@ -204,6 +211,38 @@ class _SimApp:
         self._registry.first_byte(record_id)
         await _send_whole(send, status, body, headers)
         self._registry.close(record_id, "server")
+
+    async def _refuse_in_pieces(
+        self, record_id: int, receive: Receive, send: Send, status: int, body: bytes
+    ) -> None:
+        """An error response sent in ``ERROR_PIECE`` pieces (``error_bytes=N``): a client
+        that hangs up part-way is recorded as the one that closed."""
+        self._registry.update(record_id, status=status)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        sent_all = False
+
+        async def watch_disconnect(cancel_scope: trio.CancelScope) -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not sent_all:
+                self._registry.close(record_id, "client")
+                cancel_scope.cancel(reason="client disconnected")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_disconnect, nursery.cancel_scope)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            self._registry.first_byte(record_id)
+            view = memoryview(body)
+            for start in range(0, len(body), ERROR_PIECE):
+                piece = bytes(view[start : start + ERROR_PIECE])
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            sent_all = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self._registry.close(record_id, "server")
+            nursery.cancel_scope.cancel(reason="response complete")
 
     async def _stream(
         self,
