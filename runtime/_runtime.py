@@ -43,6 +43,7 @@ from ._events import (
     TextDelta,
     ThinkingDelta,
     ToolCallFinished,
+    ToolCallProgress,
     ToolCallStarted,
     converter,
 )
@@ -497,9 +498,19 @@ class Runtime:
         self._publish(
             run, ToolCallStarted, tool_call_id=call.id, name=call.name, arguments=call.arguments
         )
-        content, is_error = await call_tool(
-            self._tools_by_name.get(call.name), call.name, call.arguments
-        )
+
+        def progress(progress: float, total: float | None, message: str | None) -> None:
+            self._publish(
+                run,
+                ToolCallProgress,
+                tool_call_id=call.id,
+                name=call.name,
+                progress=progress,
+                total=total,
+                message=message,
+            )
+
+        content, is_error = await call_tool(self._tools_by_name.get(call.name), call, progress)
         call.result, call.is_error, call.state = content, is_error, "done"
         run._state.version += 1
         self._publish(
