@@ -42,7 +42,9 @@ from runtime import (
     tool_turn,
     validate_history,
 )
-from tests.helpers import check_receipt, events_until_terminal
+from tests.gateway_client import open_client
+from tests.gateway_stack import running_gateway, send
+from tests.helpers import MCP_SERVER, check_receipt, events_until_terminal, tagged_pids
 
 # The SDK's streamable HTTP client returns out of ``async for`` over an SSE stream once
 # the reply is in (after closing the response), leaving httpx2's generators to the
@@ -54,7 +56,7 @@ HTTPX2_GENERATORS = [
 ]
 pytestmark = [pytest.mark.filterwarnings(f) for f in HTTPX2_GENERATORS]
 
-SERVER = Path(__file__).with_name("mcp_server.py")
+SERVER = MCP_SERVER
 BOUND = 30.0  # generous: the machine may be busy
 COMMIT_BOUND = 2.0  # the runtime's commit_timeout in these tests
 
@@ -72,22 +74,6 @@ async def wait_log(
     while not test(entries := read_log(log)):  # noqa: ASYNC110
         await trio.sleep(0.02)
     return entries
-
-
-def tagged_pids(tag: str) -> list[int]:
-    """Live processes whose command line carries ``tag``: the process table, read."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if tag.encode() in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 class Servers:
@@ -448,3 +434,70 @@ def test_mcp_options_name_a_command_or_a_url() -> None:
     for bad in ("research", "=python x", "research=", "x=python 'unclosed"):
         with pytest.raises(ValueError):
             parse_server(bad)
+
+
+# -- over the gateway ------------------------------------------------------------------
+
+
+def tool_frames(client: Any, run_id: str) -> list[dict[str, Any]]:
+    return [
+        f["payload"]["data"]
+        for f in client.events("agent", run_id)
+        if f["payload"]["stream"] == "tool"
+    ]
+
+
+async def test_over_the_gateway_stop_cancels_the_tool_call_and_the_next_turn_works(
+    servers: Servers, transport: str, sim: Any, tmp_path: Path
+) -> None:
+    research = 'Research rivers.\n#sim tool=slow rate=500 args={"seconds": 60, "text": "rivers"}'
+    with trio.fail_after(BOUND):
+        async with open_mcp_tools([spec_for(servers, transport)]) as mcp:
+            async with running_gateway(tmp_path / "g.db", sim, tools=mcp.tools) as (_, port):
+                async with open_client(port, caps=["tool-events"]) as client:
+                    capabilities = client.hello["features"]["capabilities"]
+                    assert set(capabilities) == {
+                        f"runtime.tool:{name}" for name in ("slow", "echo", "hang", "crash")
+                    }
+                    await client.ok("chat.send", send("s", research, "r1"))
+                    await client.wait_event(
+                        lambda f: f["event"] == "agent"
+                        and f["payload"]["data"].get("phase") == "progress"
+                    )
+                    aborted = await client.ok("chat.abort", {"sessionKey": "s", "runId": "r1"})
+                    assert aborted == {"ok": True, "aborted": True, "runIds": ["r1"]}
+                    await client.wait_chat("r1", "aborted")
+                    stopped = await client.wait_event(lambda f: f["event"] == "runtime.stopped")
+                    [receipt] = stopped["payload"]["receipt"]
+                    [request_id] = started_ids(read_log(servers.log), "slow")
+                    assert receipt["status"] == "cancelled" and receipt["name"] == "slow"
+                    assert f"request {request_id}" in receipt["cancelDelivered"]
+                    frames = tool_frames(client, "r1")
+                    assert frames[0]["phase"] == "start"
+                    assert frames[0]["arguments"] == {"seconds": 60, "text": "rivers"}
+                    progress = [f for f in frames if f["phase"] == "progress"]
+                    assert progress and progress[0]["total"] == 600
+                    assert progress[0]["message"].startswith("step ")
+                    assert not any(f["phase"] == "result" for f in frames)
+                    await wait_log(
+                        servers.log,
+                        lambda es: {"event": "cancel-notification", "requestId": request_id,
+                                    "reason": "rpc"} in es,
+                    )
+                    # the history is valid for the next turn, which runs a tool to its end
+                    echo = 'Again.\n#sim tool=echo rate=500 args={"text": "fine"}'
+                    await client.ok("chat.send", send("s", echo, "r2"))
+                    final = await client.wait_chat("r2", "final")
+                    assert final["payload"]["stopReason"] == "end_turn"
+                    assert [f["phase"] for f in tool_frames(client, "r2")] == ["start", "result"]
+                    history = await client.ok("chat.history", {"sessionKey": "s"})
+                    roles = [m["role"] for m in history["messages"]]
+                    assert roles == [
+                        "user", "assistant", "toolResult",
+                        "user", "assistant", "toolResult", "assistant",
+                    ]
+                    results = [
+                        m["content"][0] for m in history["messages"] if m["role"] == "toolResult"
+                    ]
+                    assert results[0]["text"].startswith("Not completed:")
+                    assert results[1]["text"] == "echo: fine"
