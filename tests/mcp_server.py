@@ -58,7 +58,7 @@ class CancelLog:
         return await call_next(ctx)
 
 
-server = MCPServer("tests", middleware=[CancelLog()])
+server = MCPServer("tests", middleware=[CancelLog()], log_level="WARNING")
 
 
 @server.tool(description="Research slowly: sleeps `seconds`, reporting progress every 0.1 s.")
