@@ -407,6 +407,20 @@ async def test_a_server_that_dies_mid_call_gives_a_tool_error_and_is_started_aga
             assert len(tagged_pids(servers.tag)) == 1
 
 
+async def test_an_http_server_that_dies_mid_call_gives_a_tool_error(servers: Servers) -> None:
+    """A URL is not ours to start again; the call in flight still ends as a tool error,
+    and later calls say the server is gone instead of hanging."""
+    model = ScriptedModel.from_turns(tool_turn(("c1", "crash", {})), text_turn("it failed"))
+    with trio.fail_after(BOUND):
+        async with agent(servers.start_http(), model) as (rt, mcp):
+            run = await rt.start_run("s", "crash it")
+            assert isinstance(await run.wait(), RunFinished)
+            history = await rt.store.history("s")
+            validate_history(history)
+            [result] = [b for m in history if m.role == "tool" for b in m.content]
+            assert result.is_error and "went away during the call" in result.content
+
+
 @pytest.mark.parametrize("flags", [(), ("--ignore-sigterm",)], ids=["plain", "ignores-sigterm"])
 async def test_shutdown_leaves_no_server_process_behind(
     servers: Servers, flags: tuple[str, ...]
