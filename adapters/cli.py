@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -21,7 +23,7 @@ from adapters.openai_compat import open_openai_compat
 from adapters.sim import main as sim_main
 from adapters.sim import serve_sim
 from adapters.sqlite_store import SQLiteStore, default_db_path
-from runtime import Model, Runtime
+from runtime import Model, Runtime, Tool
 
 logger = logging.getLogger("adapters.cli")
 
@@ -72,6 +74,24 @@ def _parser() -> argparse.ArgumentParser:
     serve_.add_argument("--provider", choices=PROVIDERS, default="sim")
     serve_.add_argument("--model", help='model name (required but for the sim: "sim")')
     serve_.add_argument(
+        "--mcp",
+        action="append",
+        default=[],
+        type=_mcp_server,
+        metavar="NAME=COMMAND|NAME=URL",
+        help="tools from an MCP server: a command to start (split as a shell would), or a "
+        "streamable HTTP URL; repeatable",
+    )
+    serve_.add_argument(
+        "--tool-timeout",
+        action="append",
+        default=[],
+        type=_tool_timeout,
+        metavar="TOOL=SECONDS",
+        help="end a call of this MCP tool as an error after SECONDS (the server is told); "
+        "repeatable",
+    )
+    serve_.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
 
@@ -87,6 +107,28 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=0, help="port (0: any free port)")
     return parser
+
+
+def _mcp_server(option: str) -> Any:
+    from adapters.mcp import parse_server  # the SDK is slow to import: only when asked
+
+    try:
+        return parse_server(option)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _tool_timeout(option: str) -> tuple[str, float]:
+    name, _, seconds = option.partition("=")
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = math.nan
+    if not name or not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(
+            f"--tool-timeout {option!r}: write TOOL=SECONDS with SECONDS a positive number."
+        )
+    return name, value
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -137,7 +179,12 @@ async def _serve(args: argparse.Namespace) -> None:
             except ValueError as exc:
                 raise CannotStart(str(exc)) from None
             store = await stack.enter_async_context(SQLiteStore(db))
-            runtime = await stack.enter_async_context(Runtime(model=model, store=store))
+            # Opened before the runtime, so closed after it: the runtime's shutdown stops
+            # its runs (telling the servers of calls in flight) while they are still up.
+            tools = await _open_tools(stack, args) if args.mcp else ()
+            runtime = await stack.enter_async_context(
+                Runtime(model=model, store=store, tools=tools)
+            )
             gateway = Gateway(runtime, token=args.token, tokens=args.tokens)
             async with trio.open_nursery() as nursery:
 
@@ -148,15 +195,29 @@ async def _serve(args: argparse.Namespace) -> None:
                     nursery.cancel_scope.cancel()
 
                 port = await nursery.start(serve_then_stop_watching)
-                _announce(args, port, db)
+                _announce(args, port, db, [tool.name for tool in tools])
                 await _watch_signals(signals, gateway)
 
 
-def _announce(args: argparse.Namespace, port: int, db: Path) -> None:
+async def _open_tools(stack: AsyncExitStack, args: argparse.Namespace) -> tuple[Tool, ...]:
+    from adapters.mcp import MCPToolError, open_mcp_tools
+
+    try:
+        mcp = await stack.enter_async_context(
+            open_mcp_tools(args.mcp, tool_timeouts=dict(args.tool_timeout))
+        )
+    except* MCPToolError as group:
+        raise CannotStart(str(group.exceptions[0])) from None
+    return mcp.tools
+
+
+def _announce(args: argparse.Namespace, port: int, db: Path, tools: list[str]) -> None:
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"ws://{host}:{port}"
     print(f"trio-agent gateway on {url} (provider {args.provider}, db {db})")
     print(f"chat page: http://{host}:{port}/")
+    if tools:
+        print(f"tools (MCP): {', '.join(tools)}")
     connect = "trio-agent chat" + ("" if url == DEFAULT_URL else f" --url {url}")
     token = f" --token ... (or ${TOKEN_ENV})" if args.token else ""
     print(f'talk to it: {connect}{token} "hello"; Ctrl-C stops it', flush=True)

@@ -27,6 +27,7 @@ DEFAULT: Final = (
     "streaming",
     "scale",
     "stop_commit",
+    "mcp_stop",
 )
 ON_REQUEST: Final = ("soak",)
 REPORT: Final = pathlib.Path(__file__).resolve().parent.parent / "BENCHMARKS.md"

@@ -27,6 +27,7 @@ from ._events import TerminalEvent as TerminalEvent
 from ._events import TextDelta as TextDelta
 from ._events import ThinkingDelta as ThinkingDelta
 from ._events import ToolCallFinished as ToolCallFinished
+from ._events import ToolCallProgress as ToolCallProgress
 from ._events import ToolCallStarted as ToolCallStarted
 from ._events import ToolReceipt as ToolReceipt
 from ._events import Usage as Usage
@@ -69,3 +70,5 @@ from ._store import RunRecord as RunRecord
 from ._store import SessionSettings as SessionSettings
 from ._store import Store as Store
 from ._tools import Tool as Tool
+from ._tools import ToolCall as ToolCall
+from ._tools import current_tool_call as current_tool_call

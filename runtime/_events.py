@@ -44,6 +44,10 @@ class ToolReceipt:
     tool_call_id: str
     name: str
     status: ToolStatus
+    # For a cancelled call: how the tool passed the stop on to whatever did the work, in
+    # its own words (an MCP server sent ``notifications/cancelled``, say). None: nobody
+    # was told, or the tool has no one to tell.
+    cancel_delivered: str | None = None
 
 
 @attrs.frozen
@@ -121,6 +125,21 @@ class ToolCallFinished:
 
 
 @attrs.frozen(kw_only=True)
+class ToolCallProgress:
+    """A running tool said how far it got (an MCP server's progress notification, say).
+    ``total`` is None when the tool does not know it; ``message`` is its own words."""
+
+    run_id: str
+    session_key: str
+    seq: int
+    tool_call_id: str
+    name: str
+    progress: float
+    total: float | None = None
+    message: str | None = None
+
+
+@attrs.frozen(kw_only=True)
 class RunFinished:
     run_id: str
     session_key: str
@@ -165,6 +184,7 @@ Event = (
     | TextDelta
     | ThinkingDelta
     | ToolCallStarted
+    | ToolCallProgress
     | ToolCallFinished
     | RunFinished
     | RunCancelled
@@ -180,6 +200,7 @@ EVENT_TAGS: dict[type, str] = {
     TextDelta: "text.delta",
     ThinkingDelta: "thinking.delta",
     ToolCallStarted: "tool.started",
+    ToolCallProgress: "tool.progress",
     ToolCallFinished: "tool.finished",
     RunFinished: "run.finished",
     RunCancelled: "run.cancelled",

@@ -51,6 +51,7 @@ from ._events import (
     TextDelta,
     ThinkingDelta,
     ToolCallFinished,
+    ToolCallProgress,
     ToolCallStarted,
 )
 from ._history import InvalidHistory, Message, TextBlock, validate_history
@@ -557,9 +558,19 @@ class Runtime:
         self._publish(
             run, ToolCallStarted, tool_call_id=call.id, name=call.name, arguments=call.arguments
         )
-        content, is_error = await call_tool(
-            self._tools_by_name.get(call.name), call.name, call.arguments
-        )
+
+        def progress(progress: float, total: float | None, message: str | None) -> None:
+            self._publish(
+                run,
+                ToolCallProgress,
+                tool_call_id=call.id,
+                name=call.name,
+                progress=progress,
+                total=total,
+                message=message,
+            )
+
+        content, is_error = await call_tool(self._tools_by_name.get(call.name), call, progress)
         if run._phase != "running":  # the stop began while it ran: it counts as cancelled
             logger.warning(
                 "tool result after the stop dropped session=%s run=%s tool=%s",

@@ -63,6 +63,7 @@ class PendingCall:
     state: CallState = "streaming"
     result: str | None = None
     is_error: bool = False
+    cancel_delivered: str | None = None  # see ToolReceipt.cancel_delivered
 
 
 @attrs.define
@@ -285,7 +286,8 @@ class RunState:
     @staticmethod
     def _receipt(call: PendingCall) -> ToolReceipt:
         status = {"done": "finished", "running": "cancelled"}.get(call.state, "not_started")
-        return ToolReceipt(call.id, call.name, status)  # type: ignore[arg-type]
+        delivered = call.cancel_delivered if status == "cancelled" else None
+        return ToolReceipt(call.id, call.name, status, delivered)  # type: ignore[arg-type]
 
 
 def _add(a: int | None, b: int | None) -> int | None:

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, final
+from contextvars import ContextVar
+from typing import Any, Final, final
 
 import attrs
 import trio
 
 from ._model import ToolSpec
+from ._state import PendingCall
 
 ToolFn = Callable[[Mapping[str, Any]], Awaitable[Any]]
+# progress, total (None: unknown), message (None: none)
+ProgressHook = Callable[[float, "float | None", "str | None"], None]
+
+# A chatty tool cannot flood the subscribers: one progress event per call per interval.
+PROGRESS_INTERVAL: Final = 0.1
+
+logger = logging.getLogger("runtime.tools")
+
+_current_call: ContextVar[ToolCall | None] = ContextVar("runtime_tool_call", default=None)
 
 
 @final
@@ -60,14 +72,66 @@ class Tool:
         return cls(name, run_in_thread, description, parameters or {"type": "object"})
 
 
-async def call_tool(tool: Tool | None, name: str, arguments: Mapping[str, Any]) -> tuple[str, bool]:
+@final
+@attrs.define(eq=False)
+class ToolCall:
+    """The call a tool is serving, for a tool that has more to say than its result.
+
+    Inside ``Tool.fn``, ``current_tool_call()`` returns it (None outside a run's tool
+    call). Both methods are synchronous and may be called from any task of the run's
+    Trio thread while the call lasts; after the call has ended they do nothing, so a
+    late progress report never follows the run's terminal event.
+    """
+
+    id: str
+    name: str
+    _pending: PendingCall
+    _on_progress: ProgressHook | None = None
+    _open: bool = True
+    _last_progress: float = -PROGRESS_INTERVAL
+
+    def report_progress(
+        self, progress: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Tell the run's subscribers how far the tool got (a ``ToolCallProgress``)."""
+        if not self._open:
+            logger.debug("progress after tool call %s ended: dropped", self.id)
+            return
+        now = trio.current_time()
+        if self._on_progress is None or now - self._last_progress < PROGRESS_INTERVAL:
+            return
+        self._last_progress = now
+        self._on_progress(progress, total, message)
+
+    def note_cancel_delivered(self, detail: str) -> None:
+        """Say that the stop was passed on to whatever did the work (a server was told to
+        cancel). Call it while the cancelled call unwinds; the run's stop receipt then
+        carries ``detail`` for this call."""
+        if self._open:
+            self._pending.cancel_delivered = detail
+
+
+def current_tool_call() -> ToolCall | None:
+    """The tool call the calling code serves, or None outside one."""
+    return _current_call.get()
+
+
+async def call_tool(
+    tool: Tool | None, call: PendingCall, on_progress: ProgressHook | None = None
+) -> tuple[str, bool]:
     """Run one tool call and return ``(content, is_error)``. Cancellation propagates."""
     if tool is None:
-        return f"There is no tool named {name!r}.", True
+        return f"There is no tool named {call.name!r}.", True
+    assert call.arguments is not None
+    context = ToolCall(call.id, call.name, call, on_progress)
+    token = _current_call.set(context)
     try:
-        result = await tool.fn(arguments)
+        result = await tool.fn(call.arguments)
     except Exception as exc:  # a tool's failure is the model's to see, not a crash
         return f"The tool raised {type(exc).__name__}: {exc}", True
+    finally:
+        context._open = False
+        _current_call.reset(token)
     if isinstance(result, str):
         return result, False
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 
 import trio
 
@@ -194,3 +195,22 @@ async def run_and_abort_when(
         if is_terminal(event):
             return seen
     raise AssertionError("subscription ended early")
+
+
+MCP_SERVER = Path(__file__).with_name("mcp_server.py")  # the tests' MCP server script
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Live processes whose command line carries ``tag``: the process table, read."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if tag.encode() in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids

@@ -98,6 +98,12 @@ def test_quick_benchmarks_write_a_report(tmp_path: Path) -> None:
         for words in ("0", "100", "1000"):
             assert _row(commits, store, words)[2] == "10"
 
+    tools = _rows(sections["mcp_stop"])
+    assert len(tools) == 3
+    for kind in ("in-process tool", "MCP over stdio", "MCP over streamable HTTP"):
+        row = _row(tools, kind)
+        assert len(row) == 7 and row[1] == "3"  # every trial's server was told
+
     # A rerun of one benchmark replaces its section and keeps the others as they were.
     _bench(report, "stop_commit")
     again = split(report.read_text())

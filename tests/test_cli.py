@@ -19,7 +19,9 @@ import trio
 from adapters.chat_client import DEFAULT_SESSION
 from adapters.gateway import UnsafeBind, check_bind
 from adapters.sqlite_store import SQLiteStore
+from runtime import validate_history
 from tests.gateway_client import Client, open_client
+from tests.helpers import MCP_SERVER, tagged_pids
 
 CLI = [sys.executable, "-m", "adapters.cli"]
 QUICK = "Hi.\n#sim words=5 rate=100"
@@ -234,6 +236,52 @@ async def test_sigterm_during_a_run_shuts_down_and_keeps_the_partial(tmp_path, e
             messages = await store.history(DEFAULT_SESSION)
         assert [m.role for m in messages] == ["user", "assistant"]
         assert messages[-1].meta["aborted"] and messages[-1].meta["origin"] == "shutdown"
+
+
+async def test_sigterm_during_an_mcp_tool_call_tells_the_server_and_ends_it(
+    tmp_path, env
+) -> None:
+    """``serve --mcp``: the tool is listed; SIGTERM mid-call stops the run (the server is
+    told, reason shutdown), then the server process goes too."""
+    log = tmp_path / "mcp.log"
+    tag = f"cli-mcp-{tmp_path.name}"
+    command = f"{sys.executable} {MCP_SERVER} --log {log} --tag {tag}"
+    research = 'Go.\n#sim tool=slow rate=500 args={"seconds": 60}'
+    with trio.fail_after(PROCESS_BOUND):
+        async with serving(tmp_path, env, "--mcp", f"tests={command}") as served:
+            assert tagged_pids(tag) != []
+            async with open_client(served.port, caps=["tool-events"]) as client:
+                assert "runtime.tool:slow" in client.hello["features"]["capabilities"]
+                send = {"sessionKey": "s", "message": research, "idempotencyKey": "r1"}
+                await client.ok("chat.send", send)
+                await client.wait_event(
+                    lambda f: f["event"] == "agent"
+                    and f["payload"]["data"].get("phase") == "progress"
+                )
+                served.process.send_signal(signal.SIGTERM)
+                assert await served.process.wait() == 0
+        assert tagged_pids(tag) == []
+        notices = [line for line in log.read_text().splitlines() if "cancel-notification" in line]
+        assert len(notices) == 1 and '"reason": "shutdown"' in notices[0]
+        async with SQLiteStore(served.db) as store:
+            messages = await store.history("s")
+        validate_history(messages)
+        assert [m.role for m in messages] == ["user", "assistant", "tool"]
+
+
+async def test_an_mcp_server_that_cannot_start_stops_serve_with_a_sentence(
+    tmp_path, env
+) -> None:
+    with trio.fail_after(PROCESS_BOUND):
+        result = await run_cli(
+            env, "serve", "--port", "0", "--db", str(tmp_path / "x.db"),
+            "--mcp", f"broken={tmp_path / 'no-such-program'} --flag",
+        )
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert "The MCP server 'broken' did not start" in result.stderr.decode()
+    bad = await run_cli(env, "serve", "--mcp", "no-equals-sign")
+    assert bad.returncode == 2 and "write NAME=COMMAND or NAME=URL" in bad.stderr.decode()
 
 
 async def test_a_token_from_the_environment_guards_the_gateway(tmp_path, env) -> None:

@@ -151,3 +151,38 @@ async def test_ws_client_ctrl_c_stops_the_run_and_reports_what_was_kept(
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[-1]["content"] == [{"type": "text", "text": kept}]
     assert messages[-1]["openclawAbort"]["aborted"] is True
+
+
+async def test_the_research_mcp_server_demo_from_the_readme(tmp_path, env) -> None:
+    """The README's one-line demo: serve with the example MCP server, ask, Stop mid-tool;
+    then a short research runs to its end."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    demo = 'trio-agent serve --mcp research="python examples/research_mcp_server.py"'
+    assert demo in readme
+    assert '#sim tool=research args={"topic": "rivers"}' in readme
+    server = f"research={sys.executable} {EXAMPLES / 'research_mcp_server.py'}"
+    ask = 'Research rivers for me.\n#sim tool=research args={"topic": "rivers"}'
+    short = 'Quickly.\n#sim tool=research args={"topic": "lakes", "seconds": 1}'
+    with trio.fail_after(PROCESS_BOUND):
+        async with serving(tmp_path, env, "--mcp", server) as served:
+            async with open_client(served.port, caps=["tool-events"]) as client:
+                assert client.hello["features"]["capabilities"] == ["runtime.tool:research"]
+                send = {"sessionKey": "demo", "message": ask, "idempotencyKey": "r1"}
+                await client.ok("chat.send", send)
+                progress = await client.wait_event(
+                    lambda f: f["event"] == "agent"
+                    and f["payload"]["data"].get("phase") == "progress"
+                )
+                assert progress["payload"]["data"]["message"] == "Reading the question (1/20)"
+                await client.ok("chat.abort", {"sessionKey": "demo", "runId": "r1"})
+                stopped = await client.wait_event(lambda f: f["event"] == "runtime.stopped")
+                [receipt] = stopped["payload"]["receipt"]
+                assert receipt["status"] == "cancelled"
+                assert "sent to MCP server 'research'" in receipt["cancelDelivered"]
+                send = {"sessionKey": "demo", "message": short, "idempotencyKey": "r2"}
+                await client.ok("chat.send", send)
+                await client.wait_chat("r2", "final")
+                history = await client.ok("chat.history", {"sessionKey": "demo"})
+            results = [m for m in history["messages"] if m["role"] == "toolResult"]
+            assert results[0]["content"][0]["text"].startswith("Not completed:")
+            assert results[1]["content"][0]["text"].startswith("Research on lakes:")

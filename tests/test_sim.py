@@ -39,6 +39,7 @@ from adapters.sim._script import (
     Finish,
     Silence,
     TextDelta,
+    ToolArgsDelta,
     build_script,
 )
 from adapters.sim._script import Facts as _Facts
@@ -205,6 +206,9 @@ def test_parse_directive_reads_every_key() -> None:
         ("#sim fail=reset error_bytes=100", "error_bytes"),
         ("#sim max_tokens=-1", "max_tokens"),
         ("#sim words=1 words=2", "words"),
+        ('#sim args={"a":1}', "args"),
+        ("#sim tool=echo args=[1]", "args"),
+        ("#sim tool=echo args={not json", "args"),
     ],
 )
 def test_parse_directive_rejects_with_the_key_named(line: str, key: str) -> None:
@@ -212,6 +216,18 @@ def test_parse_directive_rejects_with_the_key_named(line: str, key: str) -> None
         parse_directive(line)
     assert caught.value.key == key
     assert repr(key) in str(caught.value)
+
+
+def test_args_take_the_rest_of_the_line_and_become_the_calls_arguments() -> None:
+    directive = parse_directive(
+        'Go.\n#sim tool=research rate=5000 args={"topic": "rivers of Europe", "depth": 2}'
+    )
+    assert directive.tool == "research" and directive.rate == 5000
+    assert directive.args == {"topic": "rivers of Europe", "depth": 2}
+    facts = _Facts(user_text="x", thinking=False, tool_results=(), max_tokens=None, input_tokens=1)
+    script = build_script(directive, facts)
+    fragments = "".join(step.fragment for step in script if isinstance(step, ToolArgsDelta))
+    assert json.loads(fragments) == {"topic": "rivers of Europe", "depth": 2}
 
 
 def test_default_reply_is_150_readable_words_at_30_per_second() -> None:

@@ -10,6 +10,7 @@ tight: a stop "quickly" means well before the model's 30 s of silence would end.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import select
@@ -25,6 +26,7 @@ from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 from adapters.chat_client import DEFAULT_SESSION
 from tests.gateway_client import open_client
+from tests.helpers import MCP_SERVER
 from tests.openclaw_schema import payload_errors
 
 CHROMIUM = "/usr/bin/chromium"
@@ -237,6 +239,45 @@ def test_stop_while_the_model_is_silent(server: Served, page: Page) -> None:
     assert page.evaluate("window.statuses")[0] == "Stopping…"
     expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
     expect(transcript(page).get_by_text("Thinking…")).to_have_count(0)
+
+
+def test_a_tool_call_shows_running_then_stop_marks_it_cancelled(
+    page: Page, tmp_path: Path
+) -> None:
+    """With an MCP server attached (``--mcp``): the call's status and progress while it
+    runs; Stop cancels it at the server and says so; the next turn runs a tool to its end."""
+    log = tmp_path / "mcp.log"
+    server_command = f"{sys.executable} {MCP_SERVER} --log {log}"
+    served = Served(tmp_path, "--mcp", f"tests={server_command}")
+    try:
+        open_session(page, served.url, "web-tools")
+        expect(page.get_by_text("Tools: slow, echo, hang, crash", exact=True)).to_be_visible()
+        send(page, 'Research.\n#sim tool=slow rate=500 args={"seconds": 60, "text": "x"}')
+        tool = transcript(page).locator("li.tool").first
+        expect(tool).to_have_text(re.compile(r"Tool slow: running… \d+%, step \d+ of 600"))
+        expect(tool).to_have_attribute("data-status", "running")
+        page.get_by_role("button", name="Stop", exact=True).click()
+        expect(page.get_by_role("status")).to_have_text(
+            "Stopped by user. Cancelled: slow (its server was told)."
+        )
+        expect(tool).to_have_attribute("data-status", "cancelled")
+        expect(tool).to_have_text(
+            "Tool slow: cancelled (stopped while running); its server was told to stop"
+        )
+        entries = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [(e["event"], e.get("reason")) for e in entries if "cancel" in e["event"]] != []
+        assert ("cancel-notification", "rpc") in [(e["event"], e.get("reason")) for e in entries]
+        # the history is valid for the next turn
+        send(page, 'Again.\n#sim tool=echo rate=500 args={"text": "fine"}')
+        expect(transcript(page).locator("li.tool")).to_have_count(2)
+        expect(transcript(page).locator("li.tool").nth(1)).to_have_text("Tool echo: done")
+        expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+        expect(replies(page).last.locator(".text")).not_to_be_empty()
+        expect(transcript(page).locator("li.tool").first).to_have_attribute(
+            "data-status", "cancelled"
+        )
+    finally:
+        served.stop()
 
 
 def test_a_kept_partial_survives_a_reload_and_retry_sends_the_prompt_again(

@@ -242,7 +242,11 @@ class Connection:
             "type": "hello-ok",
             "protocol": PROTOCOL_VERSION,
             "server": {"version": gateway.version, "connId": self.conn_id},
-            "features": {"methods": sorted(_METHODS), "events": gateway.event_names()},
+            "features": {
+                "methods": sorted(_METHODS),
+                "events": gateway.event_names(),
+                "capabilities": gateway.capabilities(),
+            },
             "snapshot": {
                 "presence": [],
                 "health": {},

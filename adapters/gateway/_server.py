@@ -39,6 +39,7 @@ SHUTDOWN_GRACE: Final = 4.0  # seconds for runs to commit their stop before conn
 # A TCP connection must send its request head and finish its WebSocket upgrade (and a
 # close its handshake) within this, or it is dropped, so idle sockets cannot pile up.
 CONNECT_TIMEOUT: Final = 5.0
+TOOL_CAPABILITY: Final = "runtime.tool:"  # hello-ok lists each tool as runtime.tool:NAME
 
 
 def _version() -> str:
@@ -85,6 +86,10 @@ class Gateway:
 
     def event_names(self) -> list[str]:
         return ["agent", "chat", "connect.challenge", STOPPED_EVENT, "tick"]
+
+    def capabilities(self) -> list[str]:
+        """``hello-ok.features.capabilities``: the runtime's tools, ``runtime.tool:NAME``."""
+        return [f"{TOOL_CAPABILITY}{tool.name}" for tool in self.runtime.tools]
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown; ``serve`` returns when it is done."""

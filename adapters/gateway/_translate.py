@@ -31,7 +31,9 @@ from runtime import (
     ThinkingBlock,
     ThinkingDelta,
     ToolCallFinished,
+    ToolCallProgress,
     ToolCallStarted,
+    ToolReceipt,
     ToolResultBlock,
     ToolUseBlock,
     Usage,
@@ -173,11 +175,17 @@ class EventView:
             yield self._agent(
                 view, run_id, "thinking", {"text": view.thinking, "delta": event.text}
             )
-        elif isinstance(event, ToolCallStarted | ToolCallFinished):
+        elif isinstance(event, ToolCallStarted | ToolCallProgress | ToolCallFinished):
             if self.tool_events:
                 data: dict[str, Any] = {"name": event.name, "toolCallId": event.tool_call_id}
                 if isinstance(event, ToolCallStarted):
                     data |= {"phase": "start", "arguments": dict(event.arguments)}
+                elif isinstance(event, ToolCallProgress):
+                    data |= {"phase": "progress", "progress": event.progress}
+                    if event.total is not None:
+                        data["total"] = event.total
+                    if event.message is not None:
+                        data["message"] = event.message
                 else:
                     data |= {"phase": "result", "isError": event.is_error, "result": event.result}
                 yield self._agent(view, run_id, "tool", data)
@@ -231,6 +239,13 @@ class EventView:
         }
 
 
+def _wire_receipt(receipt: ToolReceipt) -> dict[str, Any]:
+    wire = {"toolCallId": receipt.tool_call_id, "name": receipt.name, "status": receipt.status}
+    if receipt.cancel_delivered is not None:
+        wire["cancelDelivered"] = receipt.cancel_delivered
+    return wire
+
+
 def stopped_payload(event: RunCancelled) -> dict[str, Any]:
     """The ``runtime.stopped`` extension: what a stop did, beyond OpenClaw's ``aborted``."""
     return {
@@ -238,10 +253,7 @@ def stopped_payload(event: RunCancelled) -> dict[str, Any]:
         "sessionKey": event.session_key,
         "reason": event.reason,
         "policy": event.policy,
-        "receipt": [
-            {"toolCallId": r.tool_call_id, "name": r.name, "status": r.status}
-            for r in event.receipt
-        ],
+        "receipt": [_wire_receipt(r) for r in event.receipt],
         "restoredPrompt": event.restored_prompt,
         "usage": wire_usage(event.usage),
         "timings": {

@@ -14,6 +14,8 @@ Keys (all optional; the first ``#sim`` line of the message counts):
 - ``pause_at=K:S`` S seconds of silence after text word K (0: before the first word).
 - ``tool=NAME`` call NAME with ``{"text": "..."}`` arguments streamed in fragments, until
   ``repeat=N`` (default 1) results for it follow the user's message; then a text reply.
+  ``args=JSON`` (a JSON object, after every other key: it takes the rest of the line)
+  gives the call these arguments instead, e.g. ``#sim tool=research args={"topic": "x"}``.
 - ``fail=429|500|529`` that HTTP error at once (``retry_after=S``, default 1, sets the
   429's retry-after header); ``fail=reset`` drops the connection, ``fail=garbage`` sends a
   malformed event, ``fail=error_event`` sends a provider error event and ends the
@@ -29,9 +31,10 @@ Keys (all optional; the first ``#sim`` line of the message counts):
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, get_args
 
 import attrs
@@ -62,6 +65,7 @@ class Directive:
     think: float = 0.0
     pause_at: tuple[int, float] | None = None  # (after word K, silent for S seconds)
     tool: str | None = None
+    args: Mapping[str, Any] | None = None  # None: {"text": ...} with a few reply words
     repeat: int = 1
     fail: FailKind | None = None
     retry_after: float = 1.0
@@ -89,7 +93,10 @@ def parse_directive(text: str) -> Directive:
     if line is None:
         return Directive()
     values: dict[str, Any] = {}
-    for token in line[len(PREFIX) :].split():
+    keys, has_args, args = line[len(PREFIX) :].partition(" args=")
+    if has_args:
+        values["args"] = _args("args", args.strip())
+    for token in keys.split():
         key, eq, value = token.partition("=")
         if not eq:
             raise DirectiveError(
@@ -97,7 +104,7 @@ def parse_directive(text: str) -> Directive:
             )
         parser = _PARSERS.get(key)
         if parser is None:
-            known = ", ".join(_PARSERS)
+            known = ", ".join([*_PARSERS, "args"])
             raise DirectiveError(
                 key, f"Unknown #sim directive key {key!r}; the known keys are: {known}."
             )
@@ -113,8 +120,9 @@ def parse_directive(text: str) -> Directive:
         raise DirectiveError(
             "error_bytes", "#sim directive key 'error_bytes' needs fail=429, 500 or 529."
         )
-    if "repeat" in values and "tool" not in values:
-        raise DirectiveError("repeat", "#sim directive key 'repeat' needs tool=NAME too.")
+    for key in ("repeat", "args"):
+        if key in values and "tool" not in values:
+            raise DirectiveError(key, f"#sim directive key {key!r} needs tool=NAME too.")
     return Directive(line=line, **values)
 
 
@@ -160,6 +168,20 @@ def _tool(key: str, value: str) -> str:
             f"'_' or '-', got {value!r}.",
         )
     return value
+
+
+def _args(key: str, value: str) -> Mapping[str, Any]:
+    try:
+        args = json.loads(value)
+    except ValueError:
+        args = None
+    if not isinstance(args, dict):
+        raise DirectiveError(
+            key,
+            f"#sim directive key {key!r} needs a JSON object (the rest of the line), "
+            f"got {value!r}.",
+        )
+    return args
 
 
 def _fail(key: str, value: str) -> str:

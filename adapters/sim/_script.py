@@ -176,7 +176,9 @@ def build_script(directive: Directive, facts: Facts) -> list[Step]:
     if directive.tool is not None and done < directive.repeat:
         steps.append(ToolCallBegin(done + 1, directive.tool))
         arguments = json.dumps(
-            {"text": " ".join(reply_words(TOOL_ARG_WORDS, start=done * TOOL_ARG_WORDS))}
+            directive.args
+            if directive.args is not None
+            else {"text": " ".join(reply_words(TOOL_ARG_WORDS, start=done * TOOL_ARG_WORDS))}
         )
         fragments = [
             arguments[start : start + TOOL_ARG_FRAGMENT]

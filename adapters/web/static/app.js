@@ -19,9 +19,10 @@ const QUEUED_NOTES = {
   rollback: "Your message replaces the current reply, which is rolled back.",
 };
 const TOOL_WORDS = {
-  running: "running…", finished: "finished", failed: "failed",
+  running: "running…", finished: "done", failed: "error",
   cancelled: "cancelled (stopped while running)", not_started: "never started",
 };
+const TOOL_CAPABILITY = "runtime.tool:";  // hello-ok lists each tool as runtime.tool:NAME
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -29,6 +30,7 @@ const ui = {
   status: $("status"), box: $("message"), send: $("send"), composer: $("composer"),
   stopPolicy: $("stop-policy"), concurrency: $("concurrency"), thinking: $("thinking"),
   connection: $("connection"), tokenForm: $("token-form"), token: $("token"),
+  tools: $("tools"),
 };
 
 const state = {
@@ -40,7 +42,10 @@ const state = {
   runs: new Map(),         // runId -> live run of the current session
   ended: new Set(),        // runs seen ending: a late history read must not revive them
   mine: new Set(),         // runs this page started
-  toolStatus: new Map(),   // toolCallId -> status from a stop receipt
+  // From stop receipts, keyed "runId toolCallId" (a provider may reuse a call id in
+  // another run): the call's status, and whether its server was told of the stop.
+  toolStatus: new Map(),
+  toolTold: new Set(),
   stopping: false, reloadSoon: null, listSoon: null,
 };
 
@@ -143,8 +148,15 @@ async function hello() {
   ui.connection.textContent = "Connected";
   ui.tokenForm.hidden = true;
   learnSessionDefaults(welcome.snapshot && welcome.snapshot.sessionDefaults);
+  showTools((welcome.features && welcome.features.capabilities) || []);
   if (!sessionFromHash()) showSession(state.mainSession);
   await Promise.all([loadSessions(), loadSession()]);
+}
+
+function showTools(capabilities) {
+  const names = capabilities.filter((c) => c.startsWith(TOOL_CAPABILITY)).map((c) => c.slice(TOOL_CAPABILITY.length));
+  ui.tools.textContent = names.length ? `Tools: ${names.join(", ")}` : "";
+  ui.tools.hidden = !names.length;
 }
 
 // -- sessions and history --------------------------------------------------------------
@@ -281,8 +293,14 @@ function onAgent(payload) {
   } else if (payload.stream === "thinking") {
     if (!run.text) run.thinking = data.text;
   } else if (payload.stream === "tool") {
-    const status = data.phase === "start" ? "running" : data.isError ? "failed" : "finished";
-    run.tools.set(data.toolCallId, { name: data.name, status });
+    const known = run.tools.get(data.toolCallId);
+    if (data.phase === "progress") {
+      if (!known || known.status !== "running") return;
+      known.progress = progressText(data);
+    } else {
+      const status = data.phase === "start" ? "running" : data.isError ? "failed" : "finished";
+      run.tools.set(data.toolCallId, { id: data.toolCallId, name: data.name, status });
+    }
   } else {
     return;
   }
@@ -317,8 +335,18 @@ function onChat(payload) {
 }
 
 function onStopped(payload) {
-  for (const item of payload.receipt) state.toolStatus.set(item.toolCallId, item.status);
-  if (payload.sessionKey !== state.session || !payload.restoredPrompt) return;
+  for (const item of payload.receipt) {
+    state.toolStatus.set(`${payload.runId} ${item.toolCallId}`, item.status);
+    if (item.cancelDelivered) state.toolTold.add(`${payload.runId} ${item.toolCallId}`);
+  }
+  if (payload.sessionKey !== state.session) return;
+  const cancelled = payload.receipt.filter((item) => item.status === "cancelled");
+  if (cancelled.length) {
+    const names = cancelled.map((item) => item.cancelDelivered ? `${item.name} (its server was told)` : item.name);
+    setStatus(`${STOP_NOTES[payload.reason] || "Stopped."} Cancelled: ${names.join(", ")}.`);
+    render();
+  }
+  if (!payload.restoredPrompt) return;
   if (payload.reason === "interrupted") return;  // the user replaced it on purpose
   if (!state.mine.has(payload.runId) && ui.box.value) return;  // never clobber typing
   const typed = ui.box.value;
@@ -402,8 +430,13 @@ function textOf(message) {
   return message.content.filter((b) => b.type === "text").map((b) => b.text).join("");
 }
 
-function toolStatusFromHistory(call, result) {
-  const known = state.toolStatus.get(call.id);
+function progressText(data) {
+  const share = data.total ? `${Math.round((100 * data.progress) / data.total)}%` : `${data.progress}`;
+  return data.message ? `${share}, ${data.message}` : share;
+}
+
+function toolStatusFromHistory(call, result, runId) {
+  const known = state.toolStatus.get(`${runId} ${call.id}`);
   if (known) return known;
   if (!result) return "running";
   // the runtime's own words for a tool a stop interrupted (runtime/_state.py)
@@ -419,15 +452,30 @@ function element(tag, className, text) {
   return node;
 }
 
-function toolList(entries) {
+function toolList(entries, runId) {
   const list = element("ul", "tools");
-  for (const { name, status } of entries) {
-    list.append(element("li", "tool", `Tool ${name}: ${TOOL_WORDS[status] || status}`));
+  for (const { id, name, status, progress } of entries) {
+    let words = TOOL_WORDS[status] || status;
+    if (status === "running" && progress) words += ` ${progress}`;
+    if (status === "cancelled" && state.toolTold.has(`${runId} ${id}`)) words += "; its server was told to stop";
+    const item = element("li", "tool", `Tool ${name}: ${words}`);
+    item.dataset.status = status;
+    list.append(item);
   }
   return list;
 }
 
-function renderMessage(message, index, results) {
+// The results answering the calls of the message at ``index``: those in the tool
+// messages right after it (a call id may come back in a later run).
+function resultsAfter(index) {
+  const results = new Map();
+  for (let i = index + 1; i < state.messages.length && state.messages[i].role === "toolResult"; i++) {
+    for (const block of state.messages[i].content) if (block.type === "toolResult") results.set(block.toolCallId, block);
+  }
+  return results;
+}
+
+function renderMessage(message, index) {
   const user = message.role === "user";
   const node = element("article", `msg ${user ? "user" : "assistant"}`);
   node.setAttribute("aria-label", user ? "You" : "Assistant");
@@ -436,7 +484,10 @@ function renderMessage(message, index, results) {
   if (text) node.append(element("div", "text", text));
   const calls = message.content.filter((b) => b.type === "toolCall");
   if (calls.length) {
-    node.append(toolList(calls.map((call) => ({ name: call.name, status: toolStatusFromHistory(call, results.get(call.id)) }))));
+    // A stop receipt names its run; history names the run of a stopped reply only.
+    const runId = message.openclawAbort ? message.openclawAbort.runId : null;
+    const results = resultsAfter(index);
+    node.append(toolList(calls.map((call) => ({ id: call.id, name: call.name, status: toolStatusFromHistory(call, results.get(call.id), runId) })), runId));
   }
   const abort = message.openclawAbort;
   if (abort || message.errorKind) {
@@ -468,20 +519,16 @@ function paintRun(run) {
   if (run.phase === "queued") parts.push(element("p", "thinking", "Queued…"));
   else if (!run.text) parts.push(element("p", "thinking", run.thinking ? `Thinking… ${run.thinking}` : "Thinking…"));
   if (run.text) parts.push(element("div", "text", run.text));
-  if (run.tools.size) parts.push(toolList(run.tools.values()));
+  if (run.tools.size) parts.push(toolList(run.tools.values(), run.runId));
   run.el.replaceChildren(...parts);
   if (stick) scrollDown();
 }
 
 function render() {
   const stick = nearBottom();
-  const results = new Map();
-  for (const message of state.messages) {
-    for (const block of message.content) if (block.type === "toolResult") results.set(block.toolCallId, block);
-  }
   const nodes = [];
   state.messages.forEach((message, index) => {
-    if (message.role !== "toolResult") nodes.push(renderMessage(message, index, results));
+    if (message.role !== "toolResult") nodes.push(renderMessage(message, index));
   });
   for (const run of state.runs.values()) {
     run.el = element("article", "msg assistant live");
