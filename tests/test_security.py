@@ -385,3 +385,51 @@ async def test_a_provider_that_quotes_the_key_does_not_leak_it(tmp_path, caplog)
     assert "Upstream refused" in seen  # the provider's words did arrive
     for secret in (API_KEY, TOKEN, "sk-test-"):
         assert secret not in seen
+
+
+# -- DNS rebinding: without a token, only loopback names ---------------------------------------
+
+UPGRADE = (
+    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+async def http_status(port: int, head: str) -> tuple[int, str]:
+    """Send a request head; the response's status and its body (up to 4 KiB)."""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(f"GET / HTTP/1.1\r\n{head}\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            assert chunk, data
+            data += chunk
+        response, _, body = data.partition(b"\r\n\r\n")
+        if response.startswith(b"HTTP/1.1 101"):
+            return 101, ""
+        while b"\n" not in body and (chunk := await stream.receive_some(4096)):
+            body += chunk
+        return int(response.split(b" ")[1]), body.decode()
+
+
+async def test_a_tokenless_gateway_answers_only_loopback_names(sim, tmp_path) -> None:
+    with trio.fail_after(30):
+        async with running(tmp_path / "db", sim) as (gateway, port):
+            evil = f"Host: evil.example:{port}\r\nOrigin: http://evil.example:{port}\r\n"
+            status, body = await http_status(port, evil + UPGRADE)  # was 101, admin scopes
+            assert status == 403
+            assert "Host 'evil.example:" in body and "DNS rebinding" in body
+            status, body = await http_status(port, f"Host: evil.example:{port}\r\n")  # the page
+            assert status == 403 and "DNS rebinding" in body
+            # a loopback Host with another site's Origin, or an Origin of scheme null
+            for origin in ("http://evil.example", "null"):
+                head = f"Host: localhost:{port}\r\nOrigin: {origin}\r\n"
+                assert (await http_status(port, head + UPGRADE))[0] == 403, origin
+            assert (await http_status(port, "Host: 127.0.0.1.evil.example\r\n"))[0] == 403
+            for name in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "localhost"):
+                page = await http_status(port, f"Host: {name}\r\n")
+                assert page[0] == 200, name
+                head = f"Host: {name}\r\nOrigin: http://{name}\r\n"
+                assert (await http_status(port, head + UPGRADE))[0] == 101, name
+            gateway.token = TOKEN  # with a token, the token decides
+            assert (await http_status(port, evil + UPGRADE))[0] == 101

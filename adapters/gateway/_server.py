@@ -24,7 +24,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
-from adapters.web import BadRequest, ReplayStream, answer, read_head, send_error
+from adapters.web import BadRequest, ReplayStream, RequestHead, answer, read_head, send_error
 from runtime import Runtime
 
 from ._auth import FailureLimiter, check_tokens
@@ -147,14 +147,12 @@ class Gateway:
         try:
             with trio.move_on_at(deadline):
                 head = await read_head(stream)
+                refusal = None if head is None else self._refusal(head)
+                if head is not None and refusal is not None:
+                    await send_error(stream, 403, refusal)
+                    return
                 if head is not None and not head.wants_websocket:
                     await answer(stream, head)
-                    return
-                tokenless = self.token is None and not self.tokens
-                if head is not None and tokenless and not head.same_origin():
-                    await send_error(
-                        stream, 403, "Without a token, only the gateway's own page may connect."
-                    )
                     return
         except BadRequest as bad:
             with trio.move_on_after(CONNECT_TIMEOUT):
@@ -169,6 +167,25 @@ class Gateway:
         except OSError:
             return  # the peer left
         await self._serve_websocket(ReplayStream(stream, head.raw), deadline, address)
+
+    def _refusal(self, head: RequestHead) -> str | None:
+        """Why a token-less gateway refuses this request (the page or an upgrade), if it
+        does. Without a token, loopback is the only protection, so the request must be
+        addressed to loopback by name: otherwise a page whose name an attacker points at
+        127.0.0.1 (DNS rebinding) would be same-origin with the gateway."""
+        if self.token is not None or self.tokens:
+            return None  # the token decides
+        foreign = head.foreign_name()
+        if foreign is not None:
+            return (
+                f"This gateway has no token, so it answers only requests addressed to "
+                f"127.0.0.1, localhost or [::1]; {foreign} is refused, because a web page "
+                "could use such a name to reach it (DNS rebinding). Open "
+                "http://127.0.0.1:<port>/ instead, or start the gateway with a token."
+            )
+        if head.wants_websocket and not head.same_origin():
+            return "Without a token, only the gateway's own page may connect."
+        return None
 
     async def _serve_websocket(
         self, stream: trio.abc.Stream, deadline: float, address: str
