@@ -433,3 +433,54 @@ async def test_a_tokenless_gateway_answers_only_loopback_names(sim, tmp_path) ->
                 assert (await http_status(port, head + UPGRADE))[0] == 101, name
             gateway.token = TOKEN  # with a token, the token decides
             assert (await http_status(port, evil + UPGRADE))[0] == 101
+
+
+# -- before the handshake, the 64 KiB limit holds at the transport ------------------------------
+
+
+async def read_frame(stream: trio.SocketStream, buffer: bytearray) -> tuple[int, bytes]:
+    """One unmasked server frame: (opcode, payload)."""
+
+    async def need(count: int) -> bytes:
+        while len(buffer) < count:
+            chunk = await stream.receive_some(65536)
+            assert chunk, "the server closed TCP without a close frame"
+            buffer.extend(chunk)
+        taken = bytes(buffer[:count])
+        del buffer[:count]
+        return taken
+
+    first, second = await need(2)
+    size = second & 0x7F
+    if size == 126:
+        size = int.from_bytes(await need(2), "big")
+    elif size == 127:
+        size = int.from_bytes(await need(8), "big")
+    return first & 0x0F, await need(size)
+
+
+async def test_a_frame_over_64_kib_before_the_handshake_is_refused_as_it_arrives(
+    sim, tmp_path
+) -> None:
+    """The frame announces 1 MiB and sends 70,000 bytes of it: the transport closes with 1009
+    at once, without waiting for (and buffering) the rest. Before, the gateway buffered up
+    to 1 MiB and the client, never finishing its frame, was closed 10 s later with 1008."""
+    with trio.fail_after(8):  # below the 10 s handshake timeout
+        async with running(tmp_path / "db", sim) as (_, port):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(
+                    f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{UPGRADE}\r\n".encode()
+                )
+                buffer = bytearray()
+                while b"\r\n\r\n" not in buffer:
+                    buffer.extend(await stream.receive_some(4096))
+                head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101")
+                buffer = bytearray(rest)
+                opcode, challenge = await read_frame(stream, buffer)
+                assert opcode == 1 and b"connect.challenge" in challenge
+                # a masked text frame of 2**20 bytes (mask 0: the payload goes as it is)
+                header = bytes([0x81, 0x80 | 127]) + (2**20).to_bytes(8, "big") + bytes(4)
+                await stream.send_all(header + b"x" * 70_000)
+                opcode, payload = await read_frame(stream, buffer)
+                assert opcode == 8 and int.from_bytes(payload[:2], "big") == 1009

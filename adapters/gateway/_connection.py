@@ -41,10 +41,8 @@ from ._protocol import (
     MAX_BUFFERED_BYTES,
     MAX_PAYLOAD,
     POLICY_VIOLATION,
-    PRE_HANDSHAKE_MAX_BYTES,
     PROTOCOL_VERSION,
     READ,
-    TOO_BIG,
     TOOL_EVENTS_CAP,
     WRITE,
     AnsweredError,
@@ -160,8 +158,6 @@ class Connection:
             message = await self.ws.get_message()
         if timer.cancelled_caught:
             raise _Close(POLICY_VIOLATION, "No connect request arrived in time.")
-        if len(message) > PRE_HANDSHAKE_MAX_BYTES:
-            raise _Close(TOO_BIG, "Frames before the handshake are limited to 64 KiB.")
         request = await self._read(message)
         if request is None:  # malformed, and answered: the handshake cannot go on
             raise _Close(POLICY_VIOLATION, "The first request must be a well-formed connect.")
@@ -174,6 +170,7 @@ class Connection:
         except ProtocolError as error:
             await self._fail(request.id, error)
             raise _Close(POLICY_VIOLATION, str(error)[:120]) from None
+        set_message_limit(self.ws, MAX_PAYLOAD)  # before hello-ok: what it promises holds
         await self._respond(request.id, self._hello())
         return True
 
@@ -559,6 +556,23 @@ class Connection:
             )
         except ConnectionClosed:
             pass
+
+
+def set_message_limit(ws: WebSocketConnection, size: int) -> None:
+    """Change the largest message ``ws`` accepts from now on.
+
+    trio-websocket (0.12) takes ``max_message_size`` only when the connection is made, and
+    checks it as each piece of a message arrives (``_handle_message_event``), against the
+    private attribute set here: there is no public setter. The gateway opens every
+    connection at the pre-handshake limit, so a client that has not yet connected cannot
+    make it buffer more, and raises the limit once connect is admitted.
+    """
+    if not isinstance(getattr(ws, "_max_message_size", None), int):
+        raise RuntimeError(
+            "This trio-websocket keeps no _max_message_size; the gateway cannot raise its "
+            "message limit after the handshake. Check trio-websocket's version."
+        )
+    ws._max_message_size = size
 
 
 def _aborted(result: AbortResult) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from runtime import Runtime
 
 from ._auth import FailureLimiter, check_tokens
 from ._connection import Connection
-from ._protocol import GOING_AWAY, MAX_PAYLOAD, TICK_INTERVAL_MS
+from ._protocol import GOING_AWAY, PRE_HANDSHAKE_MAX_BYTES, TICK_INTERVAL_MS
 from ._translate import STOPPED_EVENT
 
 logger = logging.getLogger("adapters.gateway")
@@ -195,7 +195,11 @@ class Gateway:
             request = None
             with trio.move_on_at(deadline):
                 request = await wrap_server_stream(
-                    nursery, stream, message_queue_size=16, max_message_size=MAX_PAYLOAD
+                    nursery,
+                    stream,
+                    message_queue_size=16,
+                    # raised to maxPayload once connect is admitted (Connection._handshake)
+                    max_message_size=PRE_HANDSHAKE_MAX_BYTES,
                 )
             try:
                 if request is not None:
