@@ -21,10 +21,12 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from runtime import (
+    AbortRefused,
     AbortResult,
     InvalidRequest,
     RunCancelled,
     RunExists,
+    RuntimeClosing,
     SessionBusy,
     SessionSettings,
     Subscription,
@@ -52,6 +54,7 @@ from ._protocol import (
     ConnectParams,
     ProtocolError,
     Request,
+    RuntimeChatSendParams,
     SessionsAbortParams,
     SessionsConfigureParams,
     SessionsListParams,
@@ -77,12 +80,14 @@ QUEUE_MODES = {
 # a chat.send of "/stop"): those are served as soon as they are read, so a Stop never
 # waits behind the connection's queued sends. Up to this many requests wait in the queue.
 QUEUED_REQUESTS = 64
+# chat.send, and our extension of it that takes allowCancel
+SEND_METHODS = frozenset({"chat.send", "runtime.chat.send"})
 
 
 def _send_key(request: Request) -> str | None:
     """The run id a chat.send request names, if it is readable."""
     params = request.params
-    if request.method == "chat.send" and isinstance(params, dict):
+    if request.method in SEND_METHODS and isinstance(params, dict):
         key = params.get("idempotencyKey")
         return key if isinstance(key, str) else None
     return None
@@ -93,7 +98,7 @@ def _is_stop(request: Request) -> bool:
         return True
     params = request.params
     return (
-        request.method == "chat.send"
+        request.method in SEND_METHODS
         and isinstance(params, dict)
         and isinstance(params.get("message"), str)
         and is_stop_command(params["message"])
@@ -139,7 +144,10 @@ class Connection:
         finally:
             if ABORT_ON_DISCONNECT_CAP in self.caps:
                 for run_id in self._started_runs:
-                    self.gateway.runtime.abort(run_id=run_id, reason="disconnect")
+                    try:
+                        self.gateway.runtime.abort(run_id=run_id, reason="disconnect")
+                    except AbortRefused:
+                        pass  # started with allowCancel false: it ends by itself
 
     async def close_after_flush(self, code: int, flush_timeout: float = 1.0) -> None:
         """Send what is buffered for this client (a run's last events), then close."""
@@ -366,8 +374,10 @@ class Connection:
             await self._fail(request.id, error)
         except InvalidRequest as exc:
             await self._fail(request.id, invalid(str(exc)))
-        except SessionBusy as exc:
+        except (SessionBusy, RuntimeClosing) as exc:
             await self._fail(request.id, ProtocolError("UNAVAILABLE", str(exc), retryable=True))
+        except AbortRefused as exc:
+            await self._fail(request.id, _refusal(str(exc), [exc.run_id]))
         except Exception as exc:  # a bug or a failing store: answer it, never crash the server
             logger.exception("request failed conn=%s method=%s", self.conn_id, request.method)
             await self._fail(
@@ -384,7 +394,18 @@ class Connection:
     # -- methods -----------------------------------------------------------------------
 
     async def _chat_send(self, raw: Any) -> dict[str, Any]:
-        params = structure_params(raw, ChatSendParams)
+        if isinstance(raw, dict) and "allowCancel" in raw:  # never ignored in silence
+            raise invalid(
+                "params.allowCancel is not a chat.send parameter: OpenClaw's schema allows "
+                "no extra field there. Send the same params to runtime.chat.send instead."
+            )
+        return await self._start(structure_params(raw, ChatSendParams), allow_cancel=True)
+
+    async def _runtime_chat_send(self, raw: Any) -> dict[str, Any]:
+        params = structure_params(raw, RuntimeChatSendParams)
+        return await self._start(params, allow_cancel=params.allowCancel)
+
+    async def _start(self, params: ChatSendParams, *, allow_cancel: bool) -> dict[str, Any]:
         self._own(sessionKey=params.sessionKey, idempotencyKey=params.idempotencyKey)
         runtime = self.gateway.runtime
         if is_stop_command(params.message):
@@ -414,6 +435,7 @@ class Connection:
                 concurrency=concurrency,  # type: ignore[arg-type]
                 thinking=thinking,
                 run_timeout=timeout,
+                allow_cancel=allow_cancel,
             )
         except RunExists as exists:  # the idempotency key was used: never a second run
             return {"runId": run_id, "status": "in_flight" if exists.live else "ok"}
@@ -449,10 +471,13 @@ class Connection:
         if params.clearQueued:
             return _aborted(runtime.abort(session_key=params.key, reason="rpc"))
         running = [r for r in runtime.live_runs(params.key) if r.phase == "running"]
-        aborted = [
-            r.run_id for r in running if runtime.abort(run_id=r.run_id, reason="rpc").aborted
-        ]
-        return {"ok": True, "aborted": bool(aborted), "runIds": aborted}
+        refused = tuple(r.run_id for r in running if not r.allow_cancel)
+        aborted = tuple(
+            r.run_id
+            for r in running
+            if r.allow_cancel and runtime.abort(run_id=r.run_id, reason="rpc").aborted
+        )
+        return _aborted(AbortResult(bool(aborted), aborted, refused))
 
     async def _chat_history(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, ChatHistoryParams)
@@ -463,7 +488,13 @@ class Connection:
         messages = await runtime.store.history(params.sessionKey, params.limit)
         settings = await runtime.store.get_settings(params.sessionKey)
         live = [
-            {"runId": r.run_id, "phase": r.phase, "prompt": r.prompt, "text": r.text}
+            {
+                "runId": r.run_id,
+                "phase": r.phase,
+                "prompt": r.prompt,
+                "text": r.text,
+                "allowCancel": r.allow_cancel,
+            }
             for r in runtime.live_runs(params.sessionKey)
         ]
         return {
@@ -576,12 +607,41 @@ def set_message_limit(ws: WebSocketConnection, size: int) -> None:
 
 
 def _aborted(result: AbortResult) -> dict[str, Any]:
-    return {"ok": True, "aborted": result.aborted, "runIds": list(result.run_ids)}
+    """A stop's answer. A stop that stopped nothing because every run it found was started
+    with allowCancel false is refused (FORBIDDEN, details.code ABORT_REFUSED), so a client
+    shows why; one that stopped some lists the others in ``refusedRunIds``."""
+    if result.refused and not result.aborted:
+        if len(result.refused) == 1:
+            raise AbortRefused(result.refused[0])
+        names = ", ".join(repr(run_id) for run_id in result.refused)
+        raise _refusal(
+            f"The runs {names} were started with allowCancel false, so they cannot be "
+            "stopped; they end by themselves, at their timeout, or when the server shuts down.",
+            list(result.refused),
+        )
+    answer: dict[str, Any] = {
+        "ok": True,
+        "aborted": result.aborted,
+        "runIds": list(result.run_ids),
+    }
+    if result.refused:
+        answer["refusedRunIds"] = list(result.refused)
+    return answer
+
+
+def _refusal(message: str, run_ids: list[str]) -> ProtocolError:
+    return ProtocolError(
+        "FORBIDDEN",
+        message,
+        details={"code": "ABORT_REFUSED", "runIds": run_ids},
+        retryable=False,
+    )
 
 
 # method -> (the scope it needs, its handler)
 _METHODS = {
     "chat.send": (WRITE, Connection._chat_send),
+    "runtime.chat.send": (WRITE, Connection._runtime_chat_send),
     "chat.abort": (WRITE, Connection._chat_abort),
     "sessions.abort": (WRITE, Connection._sessions_abort),
     "chat.history": (READ, Connection._chat_history),

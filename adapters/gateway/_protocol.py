@@ -172,6 +172,14 @@ class ChatSendParams:
 
 
 @attrs.frozen
+class RuntimeChatSendParams(ChatSendParams):
+    """``runtime.chat.send``: chat.send's params, plus what OpenClaw's schema (whose
+    ChatSendParams allow no extra field) has no word for."""
+
+    allowCancel: bool = True
+
+
+@attrs.frozen
 class ChatAbortParams:
     sessionKey: str
     runId: str | None = None
