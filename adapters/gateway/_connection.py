@@ -1,9 +1,16 @@
 """One client connection: handshake, requests, and the events it follows.
 
-After ``hello-ok`` three tasks share the connection: the request loop, the event sender
-(draining the connection's own bounded runtime subscription, so a slow client delays
-nobody but itself) and the ticker. Every frame goes out through ``_send``, which numbers
-events under one lock, so ``seq`` on the wire is gap-free and in order.
+After ``hello-ok`` four tasks share the connection: the request loop, the event sender
+(draining the connection's own runtime subscription, bounded in bytes, so a slow client
+delays nobody but itself), the ticker and the lag watch. Every frame goes out through
+``_write``, under one lock (events are numbered under it, so ``seq`` on the wire is
+gap-free and in order).
+
+A client that falls behind is closed with 1013 (try again later), after the frame being
+written: when the events waiting for it pass ``Gateway.max_buffered_bytes`` (hello-ok's
+``maxBufferedBytes``), or when one frame has waited ``Gateway.send_timeout`` seconds to be
+written. Terminal events are never dropped before that close; the client reconnects,
+reads ``chat.history`` (its ``liveRuns`` too) and follows on.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from runtime import (
     SessionBusy,
     SessionSettings,
     Subscription,
+    SubscriptionOverflow,
     TerminalEvent,
     is_stop_command,
 )
@@ -38,14 +46,15 @@ from ._auth import DEFAULT_AGENT_ID, MAIN_KEY, Principal, identify
 from ._protocol import (
     ABORT_ON_DISCONNECT_CAP,
     ADMIN,
+    CLOSE_TIMEOUT,
     HANDSHAKE_TIMEOUT,
     INVALID_PAYLOAD,
-    MAX_BUFFERED_BYTES,
     MAX_PAYLOAD,
     POLICY_VIOLATION,
     PROTOCOL_VERSION,
     READ,
     TOOL_EVENTS_CAP,
+    TRY_AGAIN_LATER,
     WRITE,
     AnsweredError,
     ChatAbortParams,
@@ -129,6 +138,9 @@ class Connection:
     _pending_sends: dict[str, tuple[Any, trio.Event]] = attrs.field(factory=dict)
     _events: Subscription | None = None
     _sender_done: trio.Event = attrs.field(factory=trio.Event)
+    # its deadline is the frame being written's (send_timeout after it began); inf when idle
+    _write_deadline: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    behind: str | None = None  # why it was closed for falling behind, once it is
 
     async def serve(self) -> None:
         """Run the connection until the client leaves or the gateway closes it."""
@@ -262,7 +274,7 @@ class Connection:
             "auth": {"role": "operator", "scopes": sorted(self.scopes)},
             "policy": {
                 "maxPayload": MAX_PAYLOAD,
-                "maxBufferedBytes": MAX_BUFFERED_BYTES,
+                "maxBufferedBytes": gateway.max_buffered_bytes,
                 "tickIntervalMs": gateway.tick_interval_ms,
             },
         }
@@ -272,13 +284,14 @@ class Connection:
     async def _serve_requests(self) -> None:
         runtime = self.gateway.runtime
         view = EventView(tool_events=TOOL_EVENTS_CAP in self.caps)
-        with runtime.subscribe() as events:
+        with runtime.subscribe(max_bytes=self.gateway.max_buffered_bytes) as events:
             # no await since subscribing: they line up
             view.seed([r for r in runtime.live_runs() if self.principal.owns(r.session_key)])
             self._events = events
             queue, queued = trio.open_memory_channel[Request](QUEUED_REQUESTS)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_events, events, view)
+                nursery.start_soon(self._watch_lag, events)
                 nursery.start_soon(self._tick)
                 nursery.start_soon(self._serve_in_order, queued)
                 while True:
@@ -335,8 +348,27 @@ class Connection:
                         event.reason,
                         event.timings.committed_ms,
                     )
+        except SubscriptionOverflow:
+            pass  # everything buffered was sent; _watch_lag closes the connection
         finally:
             self._sender_done.set()
+
+    async def _watch_lag(self, events: Subscription) -> None:
+        """Close the connection once it is too far behind (see the module docstring)."""
+        with self._write_deadline:
+            await events.wait_overflowed()
+        if self._write_deadline.cancelled_caught:
+            self.behind = f"a frame waited {self.gateway.send_timeout:g} s to be sent"
+        else:
+            self.behind = f"over {self.gateway.max_buffered_bytes} bytes of events waited"
+        logger.warning("closing a client that fell behind conn=%s: %s", self.conn_id, self.behind)
+        events.close()  # nothing more is buffered for it
+        reason = f"Too far behind: {self.behind}. Reconnect and resume."  # <= 123 bytes
+        # Shielded: the other tasks end with ConnectionClosed as soon as the close begins,
+        # and must not cut it short. Bounded: past it, aclose drops the TCP connection.
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            await self.ws.aclose(TRY_AGAIN_LATER, reason)  # after the frame in progress
+        raise _Close(TRY_AGAIN_LATER, reason)  # ends the tasks; the close is already done
 
     async def _tick(self) -> None:
         while True:
@@ -569,13 +601,21 @@ class Connection:
 
     async def _send(self, frame: dict[str, Any]) -> None:
         async with self._send_lock:
-            await self.ws.send_message(json.dumps(frame, separators=(",", ":")))
+            await self._write(frame)
 
     async def _event(self, name: str, payload: dict[str, Any]) -> None:
         async with self._send_lock:  # numbered under the lock: wire order is seq order
             frame = {"type": "event", "event": name, "payload": payload, "seq": self._seq}
             self._seq += 1
+            await self._write(frame)
+
+    async def _write(self, frame: dict[str, Any]) -> None:
+        """Write one frame (the send lock held), watched by ``_watch_lag``."""
+        self._write_deadline.deadline = trio.current_time() + self.gateway.send_timeout
+        try:
             await self.ws.send_message(json.dumps(frame, separators=(",", ":")))
+        finally:
+            self._write_deadline.deadline = math.inf
 
     async def _respond(self, request_id: str, payload: dict[str, Any]) -> None:
         await self._send({"type": "res", "id": request_id, "ok": True, "payload": payload})

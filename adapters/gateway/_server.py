@@ -29,7 +29,13 @@ from runtime import Runtime
 
 from ._auth import FailureLimiter, check_tokens
 from ._connection import Connection
-from ._protocol import GOING_AWAY, PRE_HANDSHAKE_MAX_BYTES, TICK_INTERVAL_MS
+from ._protocol import (
+    GOING_AWAY,
+    MAX_BUFFERED_BYTES,
+    PRE_HANDSHAKE_MAX_BYTES,
+    SEND_TIMEOUT,
+    TICK_INTERVAL_MS,
+)
 from ._translate import STOPPED_EVENT
 
 logger = logging.getLogger("adapters.gateway")
@@ -78,6 +84,9 @@ class Gateway:
     )
     auth_failures: FailureLimiter = attrs.field(factory=FailureLimiter)
     tick_interval_ms: int = TICK_INTERVAL_MS
+    # a connection further behind than either is closed with 1013 (see _connection)
+    max_buffered_bytes: int = MAX_BUFFERED_BYTES
+    send_timeout: float = SEND_TIMEOUT
     version: str = attrs.field(factory=_version)
     started_at: float = attrs.field(factory=time.monotonic)
     connections: set[Connection] = attrs.field(factory=set, init=False)
