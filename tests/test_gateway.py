@@ -480,3 +480,16 @@ async def test_connect_refuses_a_string_where_a_list_of_scopes_belongs(stack) ->
             assert refused["error"]["code"] == "INVALID_REQUEST"
             assert "expected list[str]" in refused["error"]["message"]
             assert "params.scopes" in refused["error"]["message"]
+
+
+async def test_a_send_during_the_runtimes_shutdown_gets_unavailable(stack) -> None:
+    gateway, port, _ = stack
+    with trio.fail_after(30):
+        async with open_client(port) as client:
+            gateway.runtime._closing = True  # as once Runtime.__aexit__ has begun
+            try:
+                error = (await client.call("chat.send", send("s", QUICK, "late")))["error"]
+            finally:
+                gateway.runtime._closing = False
+            assert error["code"] == "UNAVAILABLE" and error["retryable"] is True
+            assert error["message"].startswith("The server is shutting down")
