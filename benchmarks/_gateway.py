@@ -44,7 +44,7 @@ CONNECT: Final = {
 GC_MODES: Final = ("default", "freeze", "freeze+threshold")
 SERVED: Final = "freeze+threshold"
 
-Key = tuple[str, str]  # ("res", request id) or (run id, "options" | "aborted")
+Key = tuple[str, str]  # ("res", request id) or (run id, "start" | "aborted")
 
 
 # -- the gateway's process ------------------------------------------------------------
@@ -189,9 +189,9 @@ class Client:
             return
         payload = frame["payload"]
         run_id = payload.get("runId")
-        if frame["event"] == "agent" and payload["data"].get("phase") == "options":
+        if frame["event"] == "agent" and payload["data"].get("phase") == "start":
             if run_id in self.watched:
-                self._arrive((run_id, "options"), now)
+                self._arrive((run_id, "start"), now)
         elif frame["event"] == "chat" and payload["state"] in ("final", "aborted", "error"):
             if run_id in self.background:
                 if payload["state"] != "final":

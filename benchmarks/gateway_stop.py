@@ -4,9 +4,10 @@ Three processes, so the measuring client never shares an event loop with what it
 measures: the simulated provider (``provider_close.sim_process``), the gateway
 (``_gateway.gateway_process``), and this one. Each trial starts a run in its own session,
 either silent (``#sim think=60``) or streaming fast (200 words/s), waits for its
-``options`` lifecycle event, lets the provider request settle, sends ``chat.abort`` and
-stamps the ``aborted`` chat event's arrival. Meanwhile other runs stream text in other
-sessions; each count of other runs gets a fresh sim and gateway.
+``start`` lifecycle event (``options`` comes first, at admission), lets the provider
+request settle, sends ``chat.abort`` and stamps the ``aborted`` chat event's arrival.
+Meanwhile other runs stream text in other sessions; each count of other runs gets a fresh
+sim and gateway.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ PROVIDERS: Final = {  # the trial run's provider, when the stop is sent
     "silent": "Wait for it.\n#sim think=60",
     "streaming": "Keep going.\n#sim words=100000 rate=200",
 }
-SETTLE: Final = 0.05  # after "options": the request is out (and about 10 words in)
+SETTLE: Final = 0.05  # after "start": the request is out (and about 10 words in)
 WARMUP: Final = 2  # untimed trials first: connections and code paths warm
 TRIAL_BOUND: Final = 30.0  # seconds; a trial that takes longer is a hang, not a number
 
@@ -74,7 +75,7 @@ async def trial(client: Client, name: str, message: str) -> tuple[float, float]:
         with trio.fail_after(TRIAL_BOUND):
             send = {"sessionKey": session, "message": message, "idempotencyKey": name}
             await client.call("chat.send", send)
-            await client.wait((name, "options"))
+            await client.wait((name, "start"))
             await trio.sleep(SETTLE)
             asked = time.monotonic()
             abort = {"sessionKey": session, "runId": name}

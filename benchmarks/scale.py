@@ -52,7 +52,7 @@ async def memory_per_run(runs: int) -> float:
                 params = {"sessionKey": name, "message": SILENT, "idempotencyKey": name}
                 await client.call("chat.send", params)
             for name in names:
-                await client.wait((name, "options"))
+                await client.wait((name, "start"))
             await trio.sleep(SETTLE)
             return (gateway.rss_bytes() - base) / runs
 
@@ -65,7 +65,7 @@ async def abort_session(client: Client, session: str, runs: int) -> float:
         await client.call(
             "chat.send", {"sessionKey": session, "message": SILENT, "idempotencyKey": name}
         )
-    await client.wait((names[0], "options"))
+    await client.wait((names[0], "start"))
     await trio.sleep(0.05)  # the running one's request is out and silent
     asked = time.monotonic()
     answer, _ = await client.call("chat.abort", {"sessionKey": session})

@@ -6,6 +6,7 @@ the partial reply, repairs the history and emits exactly one terminal event.
 """
 
 from ._bus import Subscription as Subscription
+from ._bus import SubscriptionOverflow as SubscriptionOverflow
 from ._errors import AbortRefused as AbortRefused
 from ._errors import AgentRuntimeError as AgentRuntimeError
 from ._errors import InvalidRequest as InvalidRequest

@@ -23,7 +23,7 @@ from typing import Any, Literal, final
 import attrs
 import trio
 
-from ._bus import DEFAULT_CAPACITY, EventBus, Subscription
+from ._bus import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES, EventBus, Subscription
 from ._context import MAX_HISTORY_READ, fit_context
 from ._errors import (
     AbortRefused,
@@ -200,6 +200,7 @@ class Runtime:
     context_budget: int | None = 400_000
     checkpoint_interval: float = 0.25
     subscriber_capacity: int = DEFAULT_CAPACITY
+    subscriber_max_bytes: int = DEFAULT_MAX_BYTES
     on_cancelled: StopHook | None = None
     recover: bool = True
     _tools_by_name: dict[str, Tool] = attrs.field(init=False)
@@ -371,10 +372,14 @@ class Runtime:
         )
         return AbortResult(bool(aborted), aborted, refused)
 
-    def subscribe(self, session_key: str | None = None) -> Subscription:
+    def subscribe(
+        self, session_key: str | None = None, *, max_bytes: int | None = None
+    ) -> Subscription:
         """Events of one session (or all when None): ``with rt.subscribe(key) as events:``
-        then ``async for event in events``. See ``_bus`` for the overflow rule."""
-        return self._bus.subscribe(session_key, self.subscriber_capacity)
+        then ``async for event in events``. A subscriber more than ``max_bytes`` behind
+        (default ``subscriber_max_bytes``) is dropped: see ``_bus`` for the rule."""
+        bound = self.subscriber_max_bytes if max_bytes is None else max_bytes
+        return self._bus.subscribe(session_key, self.subscriber_capacity, bound)
 
     def get_run(self, run_id: str) -> Run | None:
         """The live or queued run with this id, if any."""

@@ -1,22 +1,27 @@
-"""Subscriber buffers: bounded, deltas merged when full, terminal events never dropped."""
+"""Subscriber buffers: bounded in bytes, deltas merged when full in O(new text), terminal
+events never dropped; a subscriber past its byte bound is told, not silently cut."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.lowlevel
 
 from runtime import (
     RunFinished,
+    RunStarted,
     Runtime,
     ScriptedModel,
+    SubscriptionOverflow,
     TextDelta,
     ThinkingChunk,
     Tool,
     ToolCallFinished,
+    Usage,
     text_turn,
     tool_turn,
 )
-from runtime._bus import EventBus
+from runtime._bus import EVENT_OVERHEAD, EventBus
 from tests.helpers import drain
 
 
@@ -92,3 +97,49 @@ async def test_a_closed_subscription_ends_iteration() -> None:
         nursery.start_soon(trio.lowlevel.checkpoint)
         events.close()
     assert [e.text async for e in events] == ["last"]
+
+
+async def test_an_80000_delta_reply_into_a_stalled_subscription_merges_in_linear_time() -> None:
+    """Each merge appends a piece; the text is joined once, on delivery. The old merge
+    copied the whole merged text on every publish: about 16 GB of copying here."""
+    bus = EventBus()
+    words = [f"w{i} " for i in range(80_000)]
+    with bus.subscribe("s", capacity=8) as stalled:
+        with trio.fail_after(10):  # generous: this takes well under a second
+            for seq, word in enumerate(words):
+                bus.publish(delta("r", seq, word))
+                if seq % 1000 == 0:
+                    await trio.lowlevel.checkpoint()  # where a deadline can land
+            assert not stalled.overflowed
+            buffered = drain(stalled)
+    assert len(buffered) == 8
+    assert "".join(e.text for e in buffered) == "".join(words)  # exact, in order
+    assert buffered[-1].seq == 79_999
+    assert stalled.merged == 80_000 - 8
+    assert stalled.buffered_bytes == 0
+
+
+async def test_a_subscription_past_its_byte_bound_overflows_after_a_whole_prefix() -> None:
+    bus = EventBus()
+    started = [
+        RunStarted(run_id=f"r{i}", session_key="s", seq=0, prompt="p" * 100) for i in range(100)
+    ]
+    ended = RunFinished(
+        run_id="r0", session_key="s", seq=1, stop_reason="end_turn", message=None, usage=Usage()
+    )
+    with bus.subscribe("s", max_bytes=4096) as stalled, bus.subscribe("s") as reader:
+        bus.publish(started[0])
+        bus.publish(ended)  # a terminal event inside the bound is kept, whatever follows
+        for event in started[1:]:  # non-delta events never merge: they count in full
+            bus.publish(event)
+        assert stalled.overflowed and len(bus) == 1  # no longer buffered for
+        assert not reader.overflowed and len(drain(reader)) == 101
+        assert stalled.buffered_bytes <= 4096 + EVENT_OVERHEAD + len(repr(started[-1]))
+        kept = []
+        with pytest.raises(SubscriptionOverflow, match="subscribe again"):
+            with trio.fail_after(5):
+                async for event in stalled:  # the prefix first, then the overflow
+                    kept.append(event)
+        assert kept[:2] == [started[0], ended] and kept[2:] == started[1 : len(kept) - 1]
+        assert 10 < len(kept) < 100
+        await stalled.wait_overflowed()

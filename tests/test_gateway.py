@@ -12,7 +12,7 @@ from adapters.gateway import Gateway, UnsafeBind, check_bind
 from adapters.openai_compat import open_openai_compat
 from adapters.sqlite_store import SQLiteStore
 from runtime import Runtime, validate_history
-from tests.gateway_client import connect_params, open_client
+from tests.gateway_client import Client, connect_params, open_client
 from tests.gateway_stack import running_gateway, send
 from tests.openclaw_schema import check_frames
 
@@ -74,9 +74,9 @@ async def test_abort_while_the_model_is_silent(stack) -> None:
     with trio.fail_after(30):
         async with open_client(port) as client:
             await client.ok("chat.send", send("s", THINK, "quiet"))
-            await client.wait_event(
-                lambda f: f["event"] == "agent" and f["payload"]["data"].get("phase") == "start"
-            )
+            # the model request is out ("options" comes first now, before the request)
+            while not sim.connections():  # noqa: ASYNC110 (the sim offers no event for it)
+                await trio.sleep(0.01)
             result = await client.ok("chat.abort", {"sessionKey": "s", "runId": "quiet"})
             assert result == {"ok": True, "aborted": True, "runIds": ["quiet"]}
             aborted = await client.wait_chat("quiet", "aborted")
@@ -173,6 +173,84 @@ async def test_sessions_abort_keeps_queued_runs_unless_told(stack) -> None:
             result = await client.ok("sessions.abort", {"key": "s", "clearQueued": True})
             assert result["runIds"] == ["live2", "queued2"]
             await client.wait_chat("queued2", "aborted")
+
+
+def lifecycle(client: Client, run_id: str) -> list[dict]:
+    return [
+        f["payload"]["data"]
+        for f in client.events("agent", run_id)
+        if f["payload"]["stream"] == "lifecycle"
+    ]
+
+
+async def test_a_run_sent_with_allow_cancel_false_refuses_every_stop(stack) -> None:
+    gateway, port, _ = stack
+    keep = {"allowCancel": False}
+    steady = "Tell me.\n#sim words=150 rate=50"
+    with trio.fail_after(30):
+        async with open_client(port) as client, open_client(port) as other:
+            # the option is an extension method: chat.send's schema allows no extra field
+            refused = await client.call("chat.send", send("s", SLOW, "x", **keep))
+            assert refused["error"]["code"] == "INVALID_REQUEST"
+            assert "runtime.chat.send" in refused["error"]["message"]
+            started = await client.ok("runtime.chat.send", send("s", steady, "kept", **keep))
+            assert started == {"runId": "kept", "status": "started"}
+            await client.ok("runtime.chat.send", send("s", QUICK, "queued", **keep))
+            await client.wait_chat("kept", "delta")
+            # the options event comes first, for a queued run too
+            assert lifecycle(client, "kept")[:2] == [
+                {"sessionKey": "s", "phase": "options", "allowCancel": False},
+                {"sessionKey": "s", "phase": "start"},
+            ]
+            await client.wait_event(
+                lambda f: (
+                    f["payload"].get("runId") == "queued"
+                    and f["payload"].get("data", {}).get("phase") == "queued"
+                )
+            )
+            assert lifecycle(client, "queued")[0]["phase"] == "options"
+            assert lifecycle(client, "queued")[1]["phase"] == "queued"
+            live = (await other.ok("chat.history", {"sessionKey": "s"}))["liveRuns"]
+            assert [(r["runId"], r["allowCancel"]) for r in live] == [
+                ("kept", False),
+                ("queued", False),
+            ]
+            stops = [
+                ("chat.abort", {"sessionKey": "s", "runId": "kept"}),
+                ("chat.abort", {"sessionKey": "s"}),
+                ("sessions.abort", {"runId": "kept"}),
+                ("sessions.abort", {"key": "s"}),
+                ("sessions.abort", {"key": "s", "clearQueued": True}),
+                ("chat.send", send("s", "/stop", "stop-1")),
+            ]
+            for method, params in stops:
+                error = (await other.call(method, params))["error"]
+                assert error["code"] == "FORBIDDEN", (method, params)
+                assert error["details"]["code"] == "ABORT_REFUSED"
+                assert "allowCancel false" in error["message"]
+                assert "kept" in error["details"]["runIds"]
+            # a session abort that stops something lists what it left alone
+            await client.ok("chat.send", send("s", QUICK, "plain"))  # queued, cancellable
+            result = await other.ok("chat.abort", {"sessionKey": "s"})
+            assert result == {
+                "ok": True,
+                "aborted": True,
+                "runIds": ["plain"],
+                "refusedRunIds": ["kept", "queued"],
+            }
+            await client.wait_chat("plain", "aborted")
+            final = await client.wait_chat("kept", "final")  # it ran to its end
+            assert len(final["payload"]["message"]["content"][0]["text"].split()) == 150
+            await client.wait_chat("queued", "final")
+        # with abort-on-disconnect, leaving does not stop such a run (nor break the gateway)
+        async with open_client(port, caps=["abort-on-disconnect"]) as leaving:
+            await leaving.ok("runtime.chat.send", send("s", QUICK, "left", **keep))
+            await leaving.wait_chat("left", "delta")
+        async with open_client(port) as back:
+            history = await back.ok("chat.history", {"sessionKey": "s"})
+            if history["liveRuns"]:
+                await back.wait_chat("left", "final")
+            assert "runtime.chat.send" in back.hello["features"]["methods"]
 
 
 async def test_events_reach_every_connection_with_gap_free_seq(stack) -> None:
@@ -402,3 +480,16 @@ async def test_connect_refuses_a_string_where_a_list_of_scopes_belongs(stack) ->
             assert refused["error"]["code"] == "INVALID_REQUEST"
             assert "expected list[str]" in refused["error"]["message"]
             assert "params.scopes" in refused["error"]["message"]
+
+
+async def test_a_send_during_the_runtimes_shutdown_gets_unavailable(stack) -> None:
+    gateway, port, _ = stack
+    with trio.fail_after(30):
+        async with open_client(port) as client:
+            gateway.runtime._closing = True  # as once Runtime.__aexit__ has begun
+            try:
+                error = (await client.call("chat.send", send("s", QUICK, "late")))["error"]
+            finally:
+                gateway.runtime._closing = False
+            assert error["code"] == "UNAVAILABLE" and error["retryable"] is True
+            assert error["message"].startswith("The server is shutting down")

@@ -234,6 +234,57 @@ async def test_a_client_that_stops_reading_slows_nobody(gateway) -> None:
             assert [p["seq"] for p in chat] == list(range(len(chat)))
 
 
+@pytest.mark.parametrize(
+    ("bound", "max_bytes", "send_timeout"),
+    [("bytes", 32 * 1024, 60.0), ("seconds", 4 * 1024 * 1024, 1.0)],
+)
+async def test_a_client_that_stays_behind_is_closed_with_1013_and_delays_no_stop(
+    tmp_path: Path, bound: str, max_bytes: int, send_timeout: float
+) -> None:
+    async with running_gateway(tmp_path / "gateway.db") as (gateway, port):
+        gateway.max_buffered_bytes, gateway.send_timeout = max_bytes, send_timeout
+        with trio.fail_after(90):
+            async with open_raw(port) as (stalled, seen), open_client(port) as other:
+                assert seen[-1]["payload"]["policy"]["maxBufferedBytes"] == max_bytes
+                conn_id = seen[-1]["payload"]["server"]["connId"]
+                (connection,) = [c for c in gateway.connections if c.conn_id == conn_id]
+                # enough frames to fill the socket buffers (each delta carries the text so far)
+                await other.ok("chat.send", send("long", "Go.\n#sim words=2500 rate=1000", "long"))
+                await other.wait_event(
+                    lambda f: (
+                        f["event"] == "chat"
+                        and f["payload"]["runId"] == "long"
+                        and len(f["payload"].get("deltaText", "")) > 0
+                        and f["payload"]["seq"] > 500
+                    )
+                )
+                # meanwhile another client's stop goes through at once
+                await other.ok("chat.send", send("mine", "Wait.\n#sim think=60", "mine"))
+                with trio.fail_after(10):  # a guard against a hang, not a timing claim
+                    result = await other.ok("chat.abort", {"sessionKey": "mine"})
+                    assert result["runIds"] == ["mine"]
+                    await other.wait_chat("mine", "aborted")
+                while connection.behind is None:  # noqa: ASYNC110 (server state, no event)
+                    await trio.sleep(0.05)
+                assert (
+                    "bytes of events" if bound == "bytes" else "to be sent"
+                ) in connection.behind
+                # it reads again: everything up to the close, then 1013 with the reason
+                try:
+                    while True:
+                        seen.append(json.loads(await stalled.get_message()))
+                except ConnectionClosed as closed:
+                    assert closed.reason.code == 1013
+                    assert "Reconnect and resume" in (closed.reason.reason or "")
+                assert_gap_free(seen)
+                await other.wait_chat("long", "final")
+            # it reconnects, and resumes from the history
+            async with open_client(port) as back:
+                history = await back.ok("chat.history", {"sessionKey": "long"})
+                assert history["liveRuns"] == []
+                assert len(history["messages"][-1]["content"][0]["text"].split()) == 2500
+
+
 # -- 3. a burst of 1,000 connections that leave: tests/test_faults.py --------------------
 
 

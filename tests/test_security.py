@@ -385,3 +385,102 @@ async def test_a_provider_that_quotes_the_key_does_not_leak_it(tmp_path, caplog)
     assert "Upstream refused" in seen  # the provider's words did arrive
     for secret in (API_KEY, TOKEN, "sk-test-"):
         assert secret not in seen
+
+
+# -- DNS rebinding: without a token, only loopback names ---------------------------------------
+
+UPGRADE = (
+    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+async def http_status(port: int, head: str) -> tuple[int, str]:
+    """Send a request head; the response's status and its body (up to 4 KiB)."""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(f"GET / HTTP/1.1\r\n{head}\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            assert chunk, data
+            data += chunk
+        response, _, body = data.partition(b"\r\n\r\n")
+        if response.startswith(b"HTTP/1.1 101"):
+            return 101, ""
+        while b"\n" not in body and (chunk := await stream.receive_some(4096)):
+            body += chunk
+        return int(response.split(b" ")[1]), body.decode()
+
+
+async def test_a_tokenless_gateway_answers_only_loopback_names(sim, tmp_path) -> None:
+    with trio.fail_after(30):
+        async with running(tmp_path / "db", sim) as (gateway, port):
+            evil = f"Host: evil.example:{port}\r\nOrigin: http://evil.example:{port}\r\n"
+            status, body = await http_status(port, evil + UPGRADE)  # was 101, admin scopes
+            assert status == 403
+            assert "Host 'evil.example:" in body and "DNS rebinding" in body
+            status, body = await http_status(port, f"Host: evil.example:{port}\r\n")  # the page
+            assert status == 403 and "DNS rebinding" in body
+            # a loopback Host with another site's Origin, or an Origin of scheme null
+            for origin in ("http://evil.example", "null"):
+                head = f"Host: localhost:{port}\r\nOrigin: {origin}\r\n"
+                assert (await http_status(port, head + UPGRADE))[0] == 403, origin
+            assert (await http_status(port, "Host: 127.0.0.1.evil.example\r\n"))[0] == 403
+            for name in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "localhost"):
+                page = await http_status(port, f"Host: {name}\r\n")
+                assert page[0] == 200, name
+                head = f"Host: {name}\r\nOrigin: http://{name}\r\n"
+                assert (await http_status(port, head + UPGRADE))[0] == 101, name
+            gateway.token = TOKEN  # with a token, the token decides
+            assert (await http_status(port, evil + UPGRADE))[0] == 101
+
+
+# -- before the handshake, the 64 KiB limit holds at the transport ------------------------------
+
+
+async def read_frame(stream: trio.SocketStream, buffer: bytearray) -> tuple[int, bytes]:
+    """One unmasked server frame: (opcode, payload)."""
+
+    async def need(count: int) -> bytes:
+        while len(buffer) < count:
+            chunk = await stream.receive_some(65536)
+            assert chunk, "the server closed TCP without a close frame"
+            buffer.extend(chunk)
+        taken = bytes(buffer[:count])
+        del buffer[:count]
+        return taken
+
+    first, second = await need(2)
+    size = second & 0x7F
+    if size == 126:
+        size = int.from_bytes(await need(2), "big")
+    elif size == 127:
+        size = int.from_bytes(await need(8), "big")
+    return first & 0x0F, await need(size)
+
+
+async def test_a_frame_over_64_kib_before_the_handshake_is_refused_as_it_arrives(
+    sim, tmp_path
+) -> None:
+    """The frame announces 1 MiB and sends 70,000 bytes of it: the transport closes with 1009
+    at once, without waiting for (and buffering) the rest. Before, the gateway buffered up
+    to 1 MiB and the client, never finishing its frame, was closed 10 s later with 1008."""
+    with trio.fail_after(8):  # below the 10 s handshake timeout
+        async with running(tmp_path / "db", sim) as (_, port):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(
+                    f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{UPGRADE}\r\n".encode()
+                )
+                buffer = bytearray()
+                while b"\r\n\r\n" not in buffer:
+                    buffer.extend(await stream.receive_some(4096))
+                head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101")
+                buffer = bytearray(rest)
+                opcode, challenge = await read_frame(stream, buffer)
+                assert opcode == 1 and b"connect.challenge" in challenge
+                # a masked text frame of 2**20 bytes (mask 0: the payload goes as it is)
+                header = bytes([0x81, 0x80 | 127]) + (2**20).to_bytes(8, "big") + bytes(4)
+                await stream.send_all(header + b"x" * 70_000)
+                opcode, payload = await read_frame(stream, buffer)
+                assert opcode == 8 and int.from_bytes(payload[:2], "big") == 1009

@@ -379,6 +379,37 @@ def test_sessions_can_be_created_and_switched(server: Served, page: Page) -> Non
     expect(sessions.get_by_role("button", name=re.compile("^web:"))).to_have_count(1)
 
 
+def test_stop_is_hidden_for_a_run_that_does_not_allow_cancel(server: Served, page: Page) -> None:
+    open_session(page, server.url, "web-keep")
+
+    async def start() -> None:  # another client starts it: the page only follows it
+        with trio.fail_after(BOUND):
+            async with open_client(server.port) as client:
+                params = {
+                    "sessionKey": "web-keep",
+                    "message": "Go on.\n#sim words=80 rate=10",
+                    "idempotencyKey": "web-keep-1",
+                    "allowCancel": False,
+                }
+                await client.ok("runtime.chat.send", params)
+
+    trio.run(start)
+    stop = page.get_by_role("button", name="Stop", exact=True)
+    wait_for_words(replies(page).last, 3)
+    expect(replies(page).last).to_contain_text("This reply cannot be stopped.")
+    expect(stop).to_have_count(0)
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+    page.reload()  # learnt again from chat.history's liveRuns
+    expect(page.get_by_text("Connected", exact=True)).to_be_visible()
+    seen = len(wait_for_words(replies(page).last, 5).split())
+    wait_for_words(replies(page).last, seen + 3)  # still live
+    expect(replies(page).last).to_contain_text("This reply cannot be stopped.")
+    expect(stop).to_have_count(0)
+    # it runs to its end, and the kept reply carries no such note
+    expect(transcript(page).get_by_text("This reply cannot be stopped.")).to_have_count(0)
+    assert len(reply_text(replies(page).last).split()) == 80
+
+
 # -- following a run across reloads and restarts ------------------------------------------
 
 

@@ -1,9 +1,16 @@
 """One client connection: handshake, requests, and the events it follows.
 
-After ``hello-ok`` three tasks share the connection: the request loop, the event sender
-(draining the connection's own bounded runtime subscription, so a slow client delays
-nobody but itself) and the ticker. Every frame goes out through ``_send``, which numbers
-events under one lock, so ``seq`` on the wire is gap-free and in order.
+After ``hello-ok`` four tasks share the connection: the request loop, the event sender
+(draining the connection's own runtime subscription, bounded in bytes, so a slow client
+delays nobody but itself), the ticker and the lag watch. Every frame goes out through
+``_write``, under one lock (events are numbered under it, so ``seq`` on the wire is
+gap-free and in order).
+
+A client that falls behind is closed with 1013 (try again later), after the frame being
+written: when the events waiting for it pass ``Gateway.max_buffered_bytes`` (hello-ok's
+``maxBufferedBytes``), or when one frame has waited ``Gateway.send_timeout`` seconds to be
+written. Terminal events are never dropped before that close; the client reconnects,
+reads ``chat.history`` (its ``liveRuns`` too) and follows on.
 """
 
 from __future__ import annotations
@@ -21,13 +28,16 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from runtime import (
+    AbortRefused,
     AbortResult,
     InvalidRequest,
     RunCancelled,
     RunExists,
+    RuntimeClosing,
     SessionBusy,
     SessionSettings,
     Subscription,
+    SubscriptionOverflow,
     TerminalEvent,
     is_stop_command,
 )
@@ -36,16 +46,15 @@ from ._auth import DEFAULT_AGENT_ID, MAIN_KEY, Principal, identify
 from ._protocol import (
     ABORT_ON_DISCONNECT_CAP,
     ADMIN,
+    CLOSE_TIMEOUT,
     HANDSHAKE_TIMEOUT,
     INVALID_PAYLOAD,
-    MAX_BUFFERED_BYTES,
     MAX_PAYLOAD,
     POLICY_VIOLATION,
-    PRE_HANDSHAKE_MAX_BYTES,
     PROTOCOL_VERSION,
     READ,
-    TOO_BIG,
     TOOL_EVENTS_CAP,
+    TRY_AGAIN_LATER,
     WRITE,
     AnsweredError,
     ChatAbortParams,
@@ -54,6 +63,7 @@ from ._protocol import (
     ConnectParams,
     ProtocolError,
     Request,
+    RuntimeChatSendParams,
     SessionsAbortParams,
     SessionsConfigureParams,
     SessionsListParams,
@@ -79,12 +89,14 @@ QUEUE_MODES = {
 # a chat.send of "/stop"): those are served as soon as they are read, so a Stop never
 # waits behind the connection's queued sends. Up to this many requests wait in the queue.
 QUEUED_REQUESTS = 64
+# chat.send, and our extension of it that takes allowCancel
+SEND_METHODS = frozenset({"chat.send", "runtime.chat.send"})
 
 
 def _send_key(request: Request) -> str | None:
     """The run id a chat.send request names, if it is readable."""
     params = request.params
-    if request.method == "chat.send" and isinstance(params, dict):
+    if request.method in SEND_METHODS and isinstance(params, dict):
         key = params.get("idempotencyKey")
         return key if isinstance(key, str) else None
     return None
@@ -95,7 +107,7 @@ def _is_stop(request: Request) -> bool:
         return True
     params = request.params
     return (
-        request.method == "chat.send"
+        request.method in SEND_METHODS
         and isinstance(params, dict)
         and isinstance(params.get("message"), str)
         and is_stop_command(params["message"])
@@ -126,6 +138,9 @@ class Connection:
     _pending_sends: dict[str, tuple[Any, trio.Event]] = attrs.field(factory=dict)
     _events: Subscription | None = None
     _sender_done: trio.Event = attrs.field(factory=trio.Event)
+    # its deadline is the frame being written's (send_timeout after it began); inf when idle
+    _write_deadline: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    behind: str | None = None  # why it was closed for falling behind, once it is
 
     async def serve(self) -> None:
         """Run the connection until the client leaves or the gateway closes it."""
@@ -141,7 +156,10 @@ class Connection:
         finally:
             if ABORT_ON_DISCONNECT_CAP in self.caps:
                 for run_id in self._started_runs:
-                    self.gateway.runtime.abort(run_id=run_id, reason="disconnect")
+                    try:
+                        self.gateway.runtime.abort(run_id=run_id, reason="disconnect")
+                    except AbortRefused:
+                        pass  # started with allowCancel false: it ends by itself
 
     async def close_after_flush(self, code: int, flush_timeout: float = 1.0) -> None:
         """Send what is buffered for this client (a run's last events), then close."""
@@ -160,8 +178,6 @@ class Connection:
             message = await self.ws.get_message()
         if timer.cancelled_caught:
             raise _Close(POLICY_VIOLATION, "No connect request arrived in time.")
-        if len(message) > PRE_HANDSHAKE_MAX_BYTES:
-            raise _Close(TOO_BIG, "Frames before the handshake are limited to 64 KiB.")
         request = await self._read(message)
         if request is None:  # malformed, and answered: the handshake cannot go on
             raise _Close(POLICY_VIOLATION, "The first request must be a well-formed connect.")
@@ -174,6 +190,7 @@ class Connection:
         except ProtocolError as error:
             await self._fail(request.id, error)
             raise _Close(POLICY_VIOLATION, str(error)[:120]) from None
+        set_message_limit(self.ws, MAX_PAYLOAD)  # before hello-ok: what it promises holds
         await self._respond(request.id, self._hello())
         return True
 
@@ -261,7 +278,7 @@ class Connection:
             "auth": {"role": "operator", "scopes": sorted(self.scopes)},
             "policy": {
                 "maxPayload": MAX_PAYLOAD,
-                "maxBufferedBytes": MAX_BUFFERED_BYTES,
+                "maxBufferedBytes": gateway.max_buffered_bytes,
                 "tickIntervalMs": gateway.tick_interval_ms,
             },
         }
@@ -271,13 +288,14 @@ class Connection:
     async def _serve_requests(self) -> None:
         runtime = self.gateway.runtime
         view = EventView(tool_events=TOOL_EVENTS_CAP in self.caps)
-        with runtime.subscribe() as events:
+        with runtime.subscribe(max_bytes=self.gateway.max_buffered_bytes) as events:
             # no await since subscribing: they line up
             view.seed([r for r in runtime.live_runs() if self.principal.owns(r.session_key)])
             self._events = events
             queue, queued = trio.open_memory_channel[Request](QUEUED_REQUESTS)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_events, events, view)
+                nursery.start_soon(self._watch_lag, events)
                 nursery.start_soon(self._tick)
                 nursery.start_soon(self._serve_in_order, queued)
                 while True:
@@ -334,8 +352,27 @@ class Connection:
                         event.reason,
                         event.timings.committed_ms,
                     )
+        except SubscriptionOverflow:
+            pass  # everything buffered was sent; _watch_lag closes the connection
         finally:
             self._sender_done.set()
+
+    async def _watch_lag(self, events: Subscription) -> None:
+        """Close the connection once it is too far behind (see the module docstring)."""
+        with self._write_deadline:
+            await events.wait_overflowed()
+        if self._write_deadline.cancelled_caught:
+            self.behind = f"a frame waited {self.gateway.send_timeout:g} s to be sent"
+        else:
+            self.behind = f"over {self.gateway.max_buffered_bytes} bytes of events waited"
+        logger.warning("closing a client that fell behind conn=%s: %s", self.conn_id, self.behind)
+        events.close()  # nothing more is buffered for it
+        reason = f"Too far behind: {self.behind}. Reconnect and resume."  # <= 123 bytes
+        # Shielded: the other tasks end with ConnectionClosed as soon as the close begins,
+        # and must not cut it short. Bounded: past it, aclose drops the TCP connection.
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            await self.ws.aclose(TRY_AGAIN_LATER, reason)  # after the frame in progress
+        raise _Close(TRY_AGAIN_LATER, reason)  # ends the tasks; the close is already done
 
     async def _tick(self) -> None:
         while True:
@@ -373,8 +410,10 @@ class Connection:
             await self._fail(request.id, error)
         except InvalidRequest as exc:
             await self._fail(request.id, invalid(str(exc)))
-        except SessionBusy as exc:
+        except (SessionBusy, RuntimeClosing) as exc:
             await self._fail(request.id, ProtocolError("UNAVAILABLE", str(exc), retryable=True))
+        except AbortRefused as exc:
+            await self._fail(request.id, _refusal(str(exc), [exc.run_id]))
         except Exception as exc:  # a bug or a failing store: answer it, never crash the server
             logger.exception("request failed conn=%s method=%s", self.conn_id, request.method)
             await self._fail(
@@ -391,7 +430,18 @@ class Connection:
     # -- methods -----------------------------------------------------------------------
 
     async def _chat_send(self, raw: Any) -> dict[str, Any]:
-        params = structure_params(raw, ChatSendParams)
+        if isinstance(raw, dict) and "allowCancel" in raw:  # never ignored in silence
+            raise invalid(
+                "params.allowCancel is not a chat.send parameter: OpenClaw's schema allows "
+                "no extra field there. Send the same params to runtime.chat.send instead."
+            )
+        return await self._start(structure_params(raw, ChatSendParams), allow_cancel=True)
+
+    async def _runtime_chat_send(self, raw: Any) -> dict[str, Any]:
+        params = structure_params(raw, RuntimeChatSendParams)
+        return await self._start(params, allow_cancel=params.allowCancel)
+
+    async def _start(self, params: ChatSendParams, *, allow_cancel: bool) -> dict[str, Any]:
         self._own(sessionKey=params.sessionKey, idempotencyKey=params.idempotencyKey)
         runtime = self.gateway.runtime
         if is_stop_command(params.message):
@@ -421,6 +471,7 @@ class Connection:
                 concurrency=concurrency,  # type: ignore[arg-type]
                 thinking=thinking,
                 run_timeout=timeout,
+                allow_cancel=allow_cancel,
             )
         except RunExists as exists:  # the idempotency key was used: never a second run
             return {"runId": run_id, "status": "in_flight" if exists.live else "ok"}
@@ -456,10 +507,13 @@ class Connection:
         if params.clearQueued:
             return _aborted(runtime.abort(session_key=params.key, reason="rpc"))
         running = [r for r in runtime.live_runs(params.key) if r.phase == "running"]
-        aborted = [
-            r.run_id for r in running if runtime.abort(run_id=r.run_id, reason="rpc").aborted
-        ]
-        return {"ok": True, "aborted": bool(aborted), "runIds": aborted}
+        refused = tuple(r.run_id for r in running if not r.allow_cancel)
+        aborted = tuple(
+            r.run_id
+            for r in running
+            if r.allow_cancel and runtime.abort(run_id=r.run_id, reason="rpc").aborted
+        )
+        return _aborted(AbortResult(bool(aborted), aborted, refused))
 
     async def _chat_history(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, ChatHistoryParams)
@@ -470,7 +524,13 @@ class Connection:
         messages = await runtime.store.history(params.sessionKey, params.limit)
         settings = await runtime.store.get_settings(params.sessionKey)
         live = [
-            {"runId": r.run_id, "phase": r.phase, "prompt": r.prompt, "text": r.text}
+            {
+                "runId": r.run_id,
+                "phase": r.phase,
+                "prompt": r.prompt,
+                "text": r.text,
+                "allowCancel": r.allow_cancel,
+            }
             for r in runtime.live_runs(params.sessionKey)
         ]
         return {
@@ -545,13 +605,21 @@ class Connection:
 
     async def _send(self, frame: dict[str, Any]) -> None:
         async with self._send_lock:
-            await self.ws.send_message(json.dumps(frame, separators=(",", ":")))
+            await self._write(frame)
 
     async def _event(self, name: str, payload: dict[str, Any]) -> None:
         async with self._send_lock:  # numbered under the lock: wire order is seq order
             frame = {"type": "event", "event": name, "payload": payload, "seq": self._seq}
             self._seq += 1
+            await self._write(frame)
+
+    async def _write(self, frame: dict[str, Any]) -> None:
+        """Write one frame (the send lock held), watched by ``_watch_lag``."""
+        self._write_deadline.deadline = trio.current_time() + self.gateway.send_timeout
+        try:
             await self.ws.send_message(json.dumps(frame, separators=(",", ":")))
+        finally:
+            self._write_deadline.deadline = math.inf
 
     async def _respond(self, request_id: str, payload: dict[str, Any]) -> None:
         await self._send({"type": "res", "id": request_id, "ok": True, "payload": payload})
@@ -565,13 +633,59 @@ class Connection:
             pass
 
 
+def set_message_limit(ws: WebSocketConnection, size: int) -> None:
+    """Change the largest message ``ws`` accepts from now on.
+
+    trio-websocket (0.12) takes ``max_message_size`` only when the connection is made, and
+    checks it as each piece of a message arrives (``_handle_message_event``), against the
+    private attribute set here: there is no public setter. The gateway opens every
+    connection at the pre-handshake limit, so a client that has not yet connected cannot
+    make it buffer more, and raises the limit once connect is admitted.
+    """
+    if not isinstance(getattr(ws, "_max_message_size", None), int):
+        raise RuntimeError(
+            "This trio-websocket keeps no _max_message_size; the gateway cannot raise its "
+            "message limit after the handshake. Check trio-websocket's version."
+        )
+    ws._max_message_size = size
+
+
 def _aborted(result: AbortResult) -> dict[str, Any]:
-    return {"ok": True, "aborted": result.aborted, "runIds": list(result.run_ids)}
+    """A stop's answer. A stop that stopped nothing because every run it found was started
+    with allowCancel false is refused (FORBIDDEN, details.code ABORT_REFUSED), so a client
+    shows why; one that stopped some lists the others in ``refusedRunIds``."""
+    if result.refused and not result.aborted:
+        if len(result.refused) == 1:
+            raise AbortRefused(result.refused[0])
+        names = ", ".join(repr(run_id) for run_id in result.refused)
+        raise _refusal(
+            f"The runs {names} were started with allowCancel false, so they cannot be "
+            "stopped; they end by themselves, at their timeout, or when the server shuts down.",
+            list(result.refused),
+        )
+    answer: dict[str, Any] = {
+        "ok": True,
+        "aborted": result.aborted,
+        "runIds": list(result.run_ids),
+    }
+    if result.refused:
+        answer["refusedRunIds"] = list(result.refused)
+    return answer
+
+
+def _refusal(message: str, run_ids: list[str]) -> ProtocolError:
+    return ProtocolError(
+        "FORBIDDEN",
+        message,
+        details={"code": "ABORT_REFUSED", "runIds": run_ids},
+        retryable=False,
+    )
 
 
 # method -> (the scope it needs, its handler)
 _METHODS = {
     "chat.send": (WRITE, Connection._chat_send),
+    "runtime.chat.send": (WRITE, Connection._runtime_chat_send),
     "chat.abort": (WRITE, Connection._chat_abort),
     "sessions.abort": (WRITE, Connection._sessions_abort),
     "chat.history": (READ, Connection._chat_history),

@@ -24,6 +24,12 @@ MAX_PAYLOAD: Final = 1024 * 1024
 MAX_BUFFERED_BYTES: Final = 4 * 1024 * 1024
 TICK_INTERVAL_MS: Final = 15_000
 HANDSHAKE_TIMEOUT: Final = 10.0
+# A connection that falls behind is closed with TRY_AGAIN_LATER when the events waiting for
+# it pass maxBufferedBytes, or when one frame has waited SEND_TIMEOUT seconds to be
+# written. The close frame follows the frame being written; if that cannot be written
+# within CLOSE_TIMEOUT more seconds, the TCP connection is dropped.
+SEND_TIMEOUT: Final = 10.0
+CLOSE_TIMEOUT: Final = 5.0
 
 READ: Final = "operator.read"
 WRITE: Final = "operator.write"
@@ -38,6 +44,7 @@ GOING_AWAY: Final = 1001
 POLICY_VIOLATION: Final = 1008
 INVALID_PAYLOAD: Final = 1007
 TOO_BIG: Final = 1009
+TRY_AGAIN_LATER: Final = 1013  # fell behind: reconnect, read chat.history, follow again
 
 
 class ProtocolError(Exception):
@@ -169,6 +176,14 @@ class ChatSendParams:
     thinking: str | None = None
     timeoutMs: int | None = None
     queueMode: str | None = None
+
+
+@attrs.frozen
+class RuntimeChatSendParams(ChatSendParams):
+    """``runtime.chat.send``: chat.send's params, plus what OpenClaw's schema (whose
+    ChatSendParams allow no extra field) has no word for."""
+
+    allowCancel: bool = True
 
 
 @attrs.frozen

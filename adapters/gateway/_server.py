@@ -24,12 +24,18 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
-from adapters.web import BadRequest, ReplayStream, answer, read_head, send_error
+from adapters.web import BadRequest, ReplayStream, RequestHead, answer, read_head, send_error
 from runtime import Runtime
 
 from ._auth import FailureLimiter, check_tokens
 from ._connection import Connection
-from ._protocol import GOING_AWAY, MAX_PAYLOAD, TICK_INTERVAL_MS
+from ._protocol import (
+    GOING_AWAY,
+    MAX_BUFFERED_BYTES,
+    PRE_HANDSHAKE_MAX_BYTES,
+    SEND_TIMEOUT,
+    TICK_INTERVAL_MS,
+)
 from ._translate import STOPPED_EVENT
 
 logger = logging.getLogger("adapters.gateway")
@@ -79,6 +85,9 @@ class Gateway:
     )
     auth_failures: FailureLimiter = attrs.field(factory=FailureLimiter)
     tick_interval_ms: int = TICK_INTERVAL_MS
+    # a connection further behind than either is closed with 1013 (see _connection)
+    max_buffered_bytes: int = MAX_BUFFERED_BYTES
+    send_timeout: float = SEND_TIMEOUT
     version: str = attrs.field(factory=_version)
     started_at: float = attrs.field(factory=time.monotonic)
     connections: set[Connection] = attrs.field(factory=set, init=False)
@@ -152,14 +161,12 @@ class Gateway:
         try:
             with trio.move_on_at(deadline):
                 head = await read_head(stream)
+                refusal = None if head is None else self._refusal(head)
+                if head is not None and refusal is not None:
+                    await send_error(stream, 403, refusal)
+                    return
                 if head is not None and not head.wants_websocket:
                     await answer(stream, head)
-                    return
-                tokenless = self.token is None and not self.tokens
-                if head is not None and tokenless and not head.same_origin():
-                    await send_error(
-                        stream, 403, "Without a token, only the gateway's own page may connect."
-                    )
                     return
         except BadRequest as bad:
             with trio.move_on_after(CONNECT_TIMEOUT):
@@ -175,6 +182,25 @@ class Gateway:
             return  # the peer left
         await self._serve_websocket(ReplayStream(stream, head.raw), deadline, address)
 
+    def _refusal(self, head: RequestHead) -> str | None:
+        """Why a token-less gateway refuses this request (the page or an upgrade), if it
+        does. Without a token, loopback is the only protection, so the request must be
+        addressed to loopback by name: otherwise a page whose name an attacker points at
+        127.0.0.1 (DNS rebinding) would be same-origin with the gateway."""
+        if self.token is not None or self.tokens:
+            return None  # the token decides
+        foreign = head.foreign_name()
+        if foreign is not None:
+            return (
+                f"This gateway has no token, so it answers only requests addressed to "
+                f"127.0.0.1, localhost or [::1]; {foreign} is refused, because a web page "
+                "could use such a name to reach it (DNS rebinding). Open "
+                "http://127.0.0.1:<port>/ instead, or start the gateway with a token."
+            )
+        if head.wants_websocket and not head.same_origin():
+            return "Without a token, only the gateway's own page may connect."
+        return None
+
     async def _serve_websocket(
         self, stream: trio.abc.Stream, deadline: float, address: str
     ) -> None:
@@ -183,7 +209,11 @@ class Gateway:
             request = None
             with trio.move_on_at(deadline):
                 request = await wrap_server_stream(
-                    nursery, stream, message_queue_size=16, max_message_size=MAX_PAYLOAD
+                    nursery,
+                    stream,
+                    message_queue_size=16,
+                    # raised to maxPayload once connect is admitted (Connection._handshake)
+                    max_message_size=PRE_HANDSHAKE_MAX_BYTES,
                 )
             try:
                 if request is not None:

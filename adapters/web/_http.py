@@ -66,6 +66,37 @@ class RequestHead:
             return True
         return urlsplit(origin).netloc.lower() == self.headers.get("host", "").lower()
 
+    def foreign_name(self) -> str | None:
+        """The ``Host`` (or ``Origin``, when a browser sends one) that names something
+        other than this machine's loopback (``127.0.0.1``, ``localhost``, ``[::1]``, any
+        port), or None when both name loopback. A page on a name that an attacker's DNS
+        points at 127.0.0.1 (DNS rebinding) sends its own name in both headers."""
+        host = self.headers.get("host", "")
+        if not _loopback_netloc(host):
+            return f"Host {host!r}" if host else "a request without a Host header"
+        origin = self.headers.get("origin")
+        if origin is not None:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not _loopback_netloc(parts.netloc):
+                return f"Origin {origin!r}"
+        return None
+
+
+LOOPBACK_NAMES: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _loopback_netloc(netloc: str) -> bool:
+    """``127.0.0.1``, ``localhost`` or ``[::1]``, with or without a port (any port: an
+    SSH port forward changes it, and a rebinding attack needs a name, not a port)."""
+    if "@" in netloc:
+        return False
+    try:
+        parts = urlsplit("//" + netloc)
+        parts.port  # noqa: B018 (raises ValueError for a malformed port)
+    except ValueError:
+        return False
+    return parts.hostname in LOOPBACK_NAMES and parts.netloc == netloc
+
 
 async def read_head(stream: trio.abc.ReceiveStream) -> RequestHead | None:
     """Read up to the end of the request head. None: the peer left before it ended."""

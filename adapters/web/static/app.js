@@ -232,6 +232,7 @@ async function loadSession() {
     const run = known || newRun(live.runId);
     if (!known || live.text.length > run.text.length) run.text = live.text;
     run.phase = live.phase;
+    run.allowCancel = live.allowCancel !== false;
     runs.set(live.runId, run);
   }
   for (const [runId, run] of state.runs) {  // started after we asked: its events came first
@@ -255,7 +256,8 @@ function listSoon() {
 // -- runs ---------------------------------------------------------------------------
 
 function newRun(runId) {
-  return { runId, text: "", thinking: "", phase: "running", tools: new Map(), born: performance.now(), el: null };
+  // allowCancel: false when the run was started so that no client may stop it
+  return { runId, text: "", thinking: "", phase: "running", allowCancel: true, tools: new Map(), born: performance.now(), el: null };
 }
 
 function runFor(runId) {
@@ -289,6 +291,7 @@ function onAgent(payload) {
   if (payload.stream === "lifecycle") {
     if (data.phase === "queued") run.phase = "queued";
     else if (data.phase === "start") run.phase = "running";
+    else if (data.phase === "options") run.allowCancel = data.allowCancel !== false;
     else return;
   } else if (payload.stream === "thinking") {
     if (!run.text) run.thinking = data.text;
@@ -520,6 +523,7 @@ function paintRun(run) {
   else if (!run.text) parts.push(element("p", "thinking", run.thinking ? `Thinking… ${run.thinking}` : "Thinking…"));
   if (run.text) parts.push(element("div", "text", run.text));
   if (run.tools.size) parts.push(toolList(run.tools.values(), run.runId));
+  if (!run.allowCancel) parts.push(element("p", "note", "This reply cannot be stopped."));
   run.el.replaceChildren(...parts);
   if (stick) scrollDown();
 }
@@ -543,8 +547,15 @@ function render() {
   if (stick) scrollDown();
 }
 
+// Stop is offered while a live run of the session may be stopped; a run started with
+// allowCancel false refuses every stop, so for it the button stays Send.
+function canStop() {
+  for (const run of state.runs.values()) if (run.allowCancel) return true;
+  return false;
+}
+
 function updateControls() {
-  const live = state.runs.size > 0;
+  const live = canStop();
   ui.send.textContent = live ? "Stop" : "Send";
   ui.send.classList.toggle("stop", live);
 }
@@ -560,7 +571,7 @@ function scrollDown() { ui.transcript.scrollTop = ui.transcript.scrollHeight; }
 
 ui.composer.addEventListener("submit", (event) => {
   event.preventDefault();
-  if (state.runs.size > 0) stop();
+  if (canStop()) stop();
   else send(ui.box.value, true);
 });
 ui.box.addEventListener("keydown", (event) => {
