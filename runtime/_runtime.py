@@ -249,6 +249,12 @@ class Runtime:
             return await self._exit_stack.__aexit__(exc_type, exc, tb)
         finally:
             self._exit_stack = self._nursery = None
+            # A last try for commits that failed; what still fails, recovery closes at
+            # the next start (the run is still recorded as running, with its checkpoint).
+            with trio.move_on_after(self.commit_timeout, shield=True):
+                for plan in list(self._unsettled.values()):
+                    with _logged("saving a run that could not be saved before"):
+                        await self._settle(plan)
 
     # -- the API ----------------------------------------------------------------------
 

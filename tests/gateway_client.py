@@ -141,3 +141,26 @@ async def open_client(
                 await ws.aclose()
             nursery.cancel_scope.cancel()
     check_frames(client.received)  # every frame the gateway sent, against OpenClaw's schema
+
+
+@asynccontextmanager
+async def open_raw(
+    port: int, *, graceful: bool = True
+) -> AsyncIterator[tuple[WebSocketConnection, list[Frame]]]:
+    """A handshaken connection that reads nothing more unless told (queue of one frame).
+    On exit it closes the WebSocket (``graceful``), or just drops the TCP connection, as a
+    client that stopped reading and went away does."""
+    async with trio.open_nursery() as nursery:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/", message_queue_size=1)
+            frames = [json.loads(await ws.get_message())]  # connect.challenge
+            connect = {"type": "req", "id": "c", "method": "connect", "params": connect_params()}
+            await ws.send_message(json.dumps(connect))
+            frames.append(json.loads(await ws.get_message()))  # hello-ok
+            assert frames[-1]["ok"]
+            yield ws, frames
+            if graceful:
+                with trio.move_on_after(2):
+                    await ws.aclose()
+            nursery.cancel_scope.cancel()

@@ -46,6 +46,7 @@ T = TypeVar("T")
 FAST_TOOL_SECONDS = 0.003
 SLOW_TOOL_SECONDS = 0.06
 HUNG_TOOL_SECONDS = 0.5  # a blocking call that ignores a stop (its thread is abandoned)
+STALL_BYTES, STALL_SECONDS = 64 * 1024, 1.0  # lag bounds: a stalled client is closed soon
 # Runtime._drive's task is named "run <run_id>", a tool round's "tools <run_id>"
 RUN_TASK_PREFIXES = ("run ", "tools ")
 
@@ -216,6 +217,8 @@ async def _serve_runtime(
 ) -> None:
     async with runtime:
         gateway = Gateway(runtime)
+        # tight lag bounds, so that a stalled client is closed within an example
+        gateway.max_buffered_bytes, gateway.send_timeout = STALL_BYTES, STALL_SECONDS
         recording = trio.CancelScope()
 
         async def serve(task_status: trio.TaskStatus[int]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,10 @@ import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from trio_websocket import ConnectionClosed
 
 from adapters.gateway import Gateway
-from tests.gateway_client import Frame, connect_params, open_client
+from tests.gateway_client import Frame, connect_params, open_client, open_raw
 from tests.gateway_stack import running_gateway, send
 from tests.openclaw_schema import frame_errors
 
@@ -191,24 +190,6 @@ def test_generated_frames_never_break_the_gateway(
 
 
 # -- 2. a client that stops reading ----------------------------------------------------
-
-
-@asynccontextmanager
-async def open_raw(port: int) -> AsyncIterator[tuple[WebSocketConnection, list[Frame]]]:
-    """A handshaken connection that reads nothing more unless told (queue of one frame)."""
-    async with trio.open_nursery() as nursery:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/", message_queue_size=1)
-            frames = [json.loads(await ws.get_message())]  # connect.challenge
-            connect = {"type": "req", "id": "c", "method": "connect", "params": connect_params()}
-            await ws.send_message(json.dumps(connect))
-            frames.append(json.loads(await ws.get_message()))  # hello-ok
-            assert frames[-1]["ok"]
-            yield ws, frames
-            with trio.move_on_after(2):
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
 
 
 async def test_a_client_that_stops_reading_slows_nobody(gateway) -> None:

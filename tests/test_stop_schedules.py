@@ -4,8 +4,9 @@ Hypothesis draws a schedule: the provider's script for each message (``#sim`` li
 text of some length and rate, silent pauses, thinking, calls to a fast and a slow tool
 and to a blocking one that ignores a stop, over several turns, HTTP and mid-stream
 errors), a run's final commit failing once (the runtime saves it later), the session's
-stop and concurrency
-policies, one or two connections, and steps of client actions fired at a delay or upon
+stop and concurrency policies, one or two connections (and sometimes one more that
+handshakes and then never reads, which must slow and break nothing; with the lag bounds
+made tight, the gateway closes it if it falls behind), and steps of client actions fired at a delay or upon
 an event of an earlier run (a send, a resend of the same idempotency key, an abort of a
 run or of the session by ``chat.abort``, ``sessions.abort`` or ``/stop``). The ops of one
 step go out back to back, so two aborts race, an abort races the run's completion, and a
@@ -54,7 +55,7 @@ from runtime import (
     validate_history,
 )
 from tests.conftest import IO_BOUND
-from tests.gateway_client import Client, Frame, open_client
+from tests.gateway_client import Client, Frame, open_client, open_raw
 from tests.helpers import (
     check_abort_claims,
     check_kept_text,
@@ -127,6 +128,7 @@ class Schedule:
     concurrency: str
     connections: int
     steps: tuple[Step, ...]
+    stalled: bool = False  # one more connection, that never reads after the handshake
 
 
 # ``{serial}`` makes each such line unique: the sim counts fail_count per exact line over
@@ -217,6 +219,7 @@ def schedules(draw: st.DrawFn) -> Schedule:
         draw(st.sampled_from(("enqueue", "interrupt", "rollback", "reject"))),
         connections,
         tuple(steps),
+        draw(st.integers(0, 3)) == 0,
     )
 
 
@@ -369,6 +372,8 @@ async def play(server: ScheduleServer, schedule: Schedule) -> Played:
                 )
                 for index in range(schedule.connections)
             ]
+            if schedule.stalled:
+                await stack.enter_async_context(open_raw(server.port, graceful=False))
             await clients[0].ok(
                 "runtime.sessions.configure",
                 {
