@@ -184,8 +184,11 @@ class Runtime:
     """Runs agents; ``async with Runtime(model=...) as rt`` owns the nursery they live in.
 
     Budgets: ``max_turns`` model turns and ``max_tool_calls`` tool calls per run, and
-    ``run_timeout`` seconds (None: no limit). ``commit_timeout`` bounds the shielded
-    stop commit. ``checkpoint_interval`` bounds how much streamed text a crash can lose.
+    ``run_timeout`` seconds (None: no limit). ``commit_timeout`` bounds a run's end, from
+    leaving its scope to its terminal event, whatever its tools or the store do.
+    ``checkpoint_interval`` bounds how much streamed text a crash can lose.
+    ``context_budget`` bounds, in characters, the history sent to the model (see
+    ``_context``: the newest whole exchanges that fit; None for all of it).
     """
 
     model: Model
@@ -279,10 +282,10 @@ class Runtime:
         partial kept) and ``rollback`` stops and rolls it back; in both, this run starts
         as soon as that stop is committed. Queued runs are left in place.
         """
-        if self._nursery is None:
-            raise RuntimeError("Use the Runtime inside 'async with' before starting runs.")
         if self._closing:
             raise RuntimeClosing()
+        if self._nursery is None:
+            raise RuntimeError("Use the Runtime inside 'async with' before starting runs.")
         if not isinstance(session_key, str) or not session_key.strip():
             raise InvalidRequest("sessionKey is empty; name the session to send to.")
         if not isinstance(message, str) or not message.strip():
