@@ -475,15 +475,8 @@ class Runtime:
             plan = self._plan(run, reason, failure, finish_reason, exited_at)
             await self._commit(run, plan)
         if run._terminal is None:  # the commit ran out of time: it may yet have landed
-            self._unsettled[run.run_id] = attrs.evolve(plan, rollback=False)
-            self._emit_terminal(
-                run,
-                RunFailed,
-                error_kind="store",
-                error_message=(
-                    f"The run's result could not be saved within {self.commit_timeout} s."
-                ),
-            )
+            why = f"The run's result could not be saved within {self.commit_timeout} s."
+            self._unsaved(run, plan, why)
         del self._runs[run.run_id]
         chain = self._sessions[run.session_key]
         chain.remove(run)
@@ -706,22 +699,27 @@ class Runtime:
         return []
 
     async def _commit(self, run: Run, plan: _Commit) -> None:
-        """Write the plan and emit its terminal event; a failed write is reported as such
-        and tried again by the checkpoint task until the store takes it."""
+        """Write the plan and emit its terminal event (see ``_unsaved`` for a failure)."""
         try:
             await self.store.commit_run(plan.record, plan.items, rollback=plan.rollback)
         except Exception as exc:
             logger.exception("commit failed session=%s run=%s", run.session_key, run.run_id)
-            # Saved later as it was, except that nothing is rolled back: the client was
-            # told it failed, not handed its prompt, so the prompt stays in history.
-            self._unsettled[run.run_id] = attrs.evolve(plan, rollback=False)
-            self._emit_terminal(
-                run,
-                RunFailed,
-                error_kind="store",
-                error_message=f"The run's result could not be saved: {exc}",
-            )
-            return
+            self._unsaved(run, plan, f"The run's result could not be saved: {exc}")
+        else:
+            self._emit_planned(run, plan)
+
+    def _unsaved(self, run: Run, plan: _Commit, why: str) -> None:
+        """The write failed or ran out of time: the checkpoint task saves it later, as it
+        was except that nothing is rolled back (the prompt stays where it is). A run that
+        never began has nothing in history and its prompt is handed back, so it still
+        ends as planned; any other run reports that its result is not saved yet."""
+        self._unsettled[run.run_id] = attrs.evolve(plan, rollback=False)
+        if not run._begun:
+            self._emit_planned(run, plan)
+        else:
+            self._emit_terminal(run, RunFailed, error_kind="store", error_message=why)
+
+    def _emit_planned(self, run: Run, plan: _Commit) -> None:
         fields = plan.fields
         if plan.abort_at is not None:  # a stop: its timings and its log line
             committed_ms = _ms(trio.current_time(), plan.abort_at)

@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from adapters.sqlite_store import SQLiteStore
@@ -284,11 +284,14 @@ def check_outcome(outcome: Outcome, history: list[Any], record: Any) -> None:
     terminal: TerminalEvent | None = outcome.run.terminal_event
     assert terminal is not None, f"run {outcome.run.run_id} never ended"
     assert check_run_events(outcome.events) is terminal
-    assert record is not None and record.status != "running"
-    assert len(stored) <= 1, f"prompt of {outcome.run.run_id} stored {len(stored)} times"
     if isinstance(terminal, RunCancelled) and terminal.restored_prompt is not None:
         assert stored == [], "a prompt handed back is still in history"
+        # a run stopped before it began has nothing to save but its record, and that
+        # write may have failed for good: then nothing of it is anywhere
+        assert record is None or record.status == "cancelled"
         return
+    assert record is not None and record.status != "running"
+    assert len(stored) == 1 or is_unsaved(terminal), f"prompt of {terminal.run_id}: {stored}"
     replies = [
         m for m in history if m.role == "assistant" and m.meta.get("run_id") == terminal.run_id
     ]
@@ -318,6 +321,11 @@ def test_no_restart_schedule_breaks_an_invariant(request: Any) -> None:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(steps=schedules())
+    # found by --long: a queued run stopped by the restart, whose record write failed for
+    # good, ended "failed" with its prompt neither stored nor handed back
+    @example(
+        steps=[Send(0, 0, "ok"), Send(0, 0, "ok"), Send(0, 0, "fails"), Wait(0.01), Restart()]
+    )
     def check(steps: list[Step]) -> None:
         with tempfile.TemporaryDirectory(dir=_fast_tmp()) as folder:
             db = Path(folder) / "restart.db"
