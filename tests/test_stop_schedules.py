@@ -7,12 +7,12 @@ errors), a run's final commit failing once (the runtime saves it later), the ses
 stop and concurrency policies, one or two connections (and sometimes one more that
 handshakes and then never reads, which must slow and break nothing; with the lag bounds
 made tight, the gateway closes it if it falls behind), and steps of client actions fired
-at a delay or upon an event of an earlier run (a send, a resend of the same idempotency key, an abort of a
-run or of the session by ``chat.abort``, ``sessions.abort`` or ``/stop``). The ops of one
-step go out back to back, so two aborts race, an abort races the run's completion, and a
-send races the abort before it. After each example the six invariants of
-ARCHITECTURE.md are checked against the SQLite store, the runtime's events and every
-frame each connection received.
+at a delay or upon an event of an earlier run (a send, a resend of the same idempotency
+key, an abort of a run or of the session by ``chat.abort``, ``sessions.abort`` or
+``/stop``). The ops of one step go out back to back, so two aborts race, an abort races
+the run's completion, and a send races the abort before it. After each example the six
+invariants of ARCHITECTURE.md are checked against the SQLite store, the runtime's events
+and every frame each connection received.
 
 Cost: about 300 examples in about a minute on two cores (``--long``: 10,000, before a
 release). Every example is bounded by ``IO_BOUND``; no timing is asserted.
