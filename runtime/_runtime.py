@@ -709,12 +709,17 @@ class Runtime:
             self._emit_planned(run, plan)
 
     def _unsaved(self, run: Run, plan: _Commit, why: str) -> None:
-        """The write failed or ran out of time: the checkpoint task saves it later, as it
-        was except that nothing is rolled back (the prompt stays where it is). A run that
-        never began has nothing in history and its prompt is handed back, so it still
-        ends as planned; any other run reports that its result is not saved yet."""
-        self._unsettled[run.run_id] = attrs.evolve(plan, rollback=False)
-        if not run._begun:
+        """The write failed or ran out of time: the checkpoint task writes the plan later.
+
+        A plan that hands the prompt back (a rollback, or a run that had not begun) keeps
+        nothing in history, so the run ends as planned, its prompt handed back, and the
+        rollback by run id is retried. A plan that keeps messages ends the run as failed
+        (``store``): its result is not saved yet. Either way the client is told what the
+        history will hold, and a prompt is never lost. (One case is left: if the process
+        dies before the retry lands, recovery closes a rolled-back run as interrupted
+        and keeps its prompt, which the client was handed back.)"""
+        self._unsettled[run.run_id] = plan
+        if plan.fields.get("restored_prompt") is not None:
             self._emit_planned(run, plan)
         else:
             self._emit_terminal(run, RunFailed, error_kind="store", error_message=why)

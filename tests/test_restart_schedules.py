@@ -254,9 +254,7 @@ async def play(db: Path, steps: list[Step]) -> list[Outcome]:
 
 def abort(rt: Runtime, outcomes: list[Outcome], step: Abort) -> None:
     if step.target is not None and step.target < len(outcomes):
-        target = outcomes[step.target]
-        if target.run is not None:
-            rt.abort(run_id=target.run.run_id)
+        rt.abort(run_id=outcomes[step.target].run_id)  # by id, as a client does
         return
     rt.abort(session_key=SESSIONS[step.session])
 
@@ -326,6 +324,8 @@ def test_no_restart_schedule_breaks_an_invariant(request: Any) -> None:
     @example(
         steps=[Send(0, 0, "ok"), Send(0, 0, "ok"), Send(0, 0, "fails"), Wait(0.01), Restart()]
     )
+    # and likewise for a run stopped while its begin_run (the prompt's write) was under way
+    @example(steps=[Send(0, 3, "fails"), Wait(0.002), Abort(0, 0)])
     def check(steps: list[Step]) -> None:
         with tempfile.TemporaryDirectory(dir=_fast_tmp()) as folder:
             db = Path(folder) / "restart.db"

@@ -136,9 +136,10 @@ async def test_a_tool_that_ignores_cancellation_cannot_hold_the_stop(autojump_cl
 
 
 async def settled(store: Any, run_id: str) -> RunRecord:
-    """The run's record once it is no longer ``running`` (the store has no event)."""
+    """The run's final record, once written (the store has no event to wait on)."""
     for _ in range(1000):
-        if (record := await store.get_run(run_id)).status != "running":
+        record = await store.get_run(run_id)
+        if record is not None and record.status != "running":
             return record
         await trio.sleep(0.05)
     raise AssertionError(f"run {run_id} is still running in the store")
@@ -487,3 +488,31 @@ async def test_a_resend_while_a_failed_commit_waits_to_be_saved_starts_nothing(
         with pytest.raises(RunExists):
             await rt.start_run("s", "second", run_id="queued")
         rt.abort(run_id=live.run_id)
+
+
+async def test_a_run_stopped_while_its_prompt_was_being_saved_never_loses_it(
+    autojump_clock,
+) -> None:
+    """Found by the --long restart schedules: a stop that lands while ``begin_run`` is
+    writing the prompt, then a stop commit that fails, ended the run failed with its
+    prompt neither stored nor handed back. Now it is handed back, and the rollback by
+    run id is retried until it lands."""
+    writing = trio.Event()
+
+    async def slow_begin(record, prompt):
+        writing.set()
+        await trio.sleep(1)  # the abort lands here, before the prompt is written
+
+    failing = {"r"}
+    store = HookedStore(
+        MemoryStore(), before_begin_run=slow_begin, before_commit_run=failing_commits(failing)
+    )
+    async with Runtime(model=ScriptedModel.from_turns(SLOW_TEXT), store=store) as rt:
+        run = await rt.start_run("s", "question", run_id="r")
+        await writing.wait()
+        rt.abort(run_id="r")
+        terminal = await run.wait()
+        assert isinstance(terminal, RunCancelled) and terminal.restored_prompt == "question"
+        failing.clear()
+        assert (await settled(store, "r")).status == "cancelled"
+        assert await store.history("s") == []
