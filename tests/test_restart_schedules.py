@@ -321,9 +321,7 @@ def test_no_restart_schedule_breaks_an_invariant(request: Any) -> None:
     @given(steps=schedules())
     # found by --long: a queued run stopped by the restart, whose record write failed for
     # good, ended "failed" with its prompt neither stored nor handed back
-    @example(
-        steps=[Send(0, 0, "ok"), Send(0, 0, "ok"), Send(0, 0, "fails"), Wait(0.01), Restart()]
-    )
+    @example(steps=[Send(0, 0, "ok"), Send(0, 0, "ok"), Send(0, 0, "fails"), Wait(0.01), Restart()])
     # and likewise for a run stopped while its begin_run (the prompt's write) was under way
     @example(steps=[Send(0, 3, "fails"), Wait(0.002), Abort(0, 0)])
     def check(steps: list[Step]) -> None:
