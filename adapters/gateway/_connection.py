@@ -43,6 +43,7 @@ from runtime import (
 )
 
 from ._auth import DEFAULT_AGENT_ID, MAIN_KEY, Principal, identify
+from ._history import cursor_after, live_state, messages_since, visible_messages
 from ._protocol import (
     ABORT_ON_DISCONNECT_CAP,
     ADMIN,
@@ -89,6 +90,9 @@ QUEUE_MODES = {
 # a chat.send of "/stop"): those are served as soon as they are read, so a Stop never
 # waits behind the connection's queued sends. Up to this many requests wait in the queue.
 QUEUED_REQUESTS = 64
+# chat.history reads the messages again while a run ends during the read, this many times
+# at most (then the run's terminal event, which the client receives, tells its end)
+HISTORY_READS = 3
 # chat.send, and our extension of it that takes allowCancel
 SEND_METHODS = frozenset({"chat.send", "runtime.chat.send"})
 
@@ -521,23 +525,50 @@ class Connection:
         if not 1 <= params.limit <= 1000:
             raise invalid("params.limit must be from 1 to 1000.")
         runtime = self.gateway.runtime
-        messages = await runtime.store.history(params.sessionKey, params.limit)
-        settings = await runtime.store.get_settings(params.sessionKey)
-        live = [
+        key = params.sessionKey
+        settings = None
+        if params.cursor is None:
+            settings = await runtime.store.get_settings(key)
+        for _ in range(HISTORY_READS):
+            before = {r.run_id for r in runtime.live_runs(key)}
+            stored = await runtime.store.history(key, params.limit + 1)
+            # From here no await: the live runs are read at one instant, after the messages
+            runs = runtime.live_runs(key)
+            if before <= {r.run_id for r in runs}:
+                break
+            # A run ended during the read: its result may have landed just after it (a
+            # run leaves the registry only once committed), so read again.
+        live, snapshot = live_state(runs, stored)
+        if self._events is not None:
+            self._events.seal()  # no delta merges across the snapshot (see Subscription.seal)
+        if params.cursor is not None:
+            since = messages_since(params.cursor, stored, params.limit)
+            if since is None:
+                return {"kind": "reset"}
+            return {
+                "kind": "delta",
+                "messages": visible(since),
+                "deltaCursor": cursor_after(stored),
+                **live,
+            }
+        assert settings is not None
+        live_runs = [  # ours: what the page needs beyond OpenClaw's words (allowCancel)
             {
                 "runId": r.run_id,
                 "phase": r.phase,
                 "prompt": r.prompt,
-                "text": r.text,
+                "text": snapshot.text if snapshot and snapshot.run_id == r.run_id else r.text,
                 "allowCancel": r.allow_cancel,
             }
-            for r in runtime.live_runs(params.sessionKey)
+            for r in runs
         ]
         return {
-            "sessionKey": params.sessionKey,
-            "sessionId": params.sessionKey,
-            "messages": visible(messages),
-            "liveRuns": live,
+            "sessionKey": key,
+            "sessionId": key,
+            "messages": visible_messages(stored, params.limit),
+            "deltaCursor": cursor_after(stored),
+            **live,
+            "liveRuns": live_runs,
             "settings": {"stopPolicy": settings.stop_policy, "concurrency": settings.concurrency},
         }
 

@@ -196,6 +196,7 @@ class ChatAbortParams:
 class ChatHistoryParams:
     sessionKey: str
     limit: int = 200
+    cursor: str | None = None  # a deltaCursor: only what changed since (see _history)
 
 
 @attrs.frozen
