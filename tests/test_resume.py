@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import IO_BOUND
 from tests.gateway_client import Client, Frame, open_client
+from tests.openclaw_schema import payload_errors
 from tests.schedule_server import ScheduleServer, schedule_server
 
 EXAMPLES = 300
@@ -219,3 +220,90 @@ def test_a_resumed_client_rebuilds_exactly_the_stored_text(
         trio.run(play, server, resume)
 
     check()
+
+
+def test_history_names_the_live_run_the_queued_one_and_a_cursor(server: ScheduleServer) -> None:
+    trio.run(_history_names_the_live_run, server)
+
+
+async def _history_names_the_live_run(server: ScheduleServer) -> None:
+    session = f"names-{uuid.uuid4().hex[:10]}"
+
+    def send(run: str, script: str) -> dict[str, Any]:
+        return {"sessionKey": session, "message": f"{run}.\n{script}", "idempotencyKey": run}
+
+    first, queued = f"{session}-1", f"{session}-2"
+    with trio.fail_after(IO_BOUND):
+        async with open_client(server.port) as client:
+            await client.ok("chat.send", send(first, "#sim words=400 rate=200"))
+            await client.ok("chat.send", send(queued, "#sim words=3 rate=5000"))
+            await client.wait_chat(first, "delta")
+            read = await client.ok("chat.history", {"sessionKey": session})
+            in_flight = read["inFlightRun"]
+            assert in_flight["runId"] == first and in_flight["text"]
+            assert isinstance(in_flight["seq"], int) and in_flight["seq"] > 0
+            assert read["sessionInfo"] == {"hasActiveRun": True, "activeRunIds": [first]}
+            pending = read["pendingInputs"]
+            assert pending["total"] == 1 and len(pending["items"]) == 1
+            item = pending["items"][0]
+            assert (item["id"], item["runId"], item["state"]) == (queued, queued, "queued")
+            assert item["message"]["content"] == [
+                {"type": "text", "text": f"{queued}.\n#sim words=3 rate=5000"}
+            ]
+            assert [r["runId"] for r in read["liveRuns"]] == [first, queued]  # ours, kept
+            # the cursor form: nothing new yet, and the live state again
+            delta = await client.ok(
+                "chat.history", {"sessionKey": session, "cursor": read["deltaCursor"]}
+            )
+            assert payload_errors("ChatHistoryCursorResult", delta) == []
+            assert delta["kind"] == "delta" and delta["messages"] == []
+            assert delta["inFlightRun"]["runId"] == first
+            assert delta["inFlightRun"]["seq"] >= in_flight["seq"]
+            await client.ok("chat.abort", {"sessionKey": session, "runId": first})
+            await client.wait_chat(queued, "final")
+            after = await client.ok(
+                "chat.history", {"sessionKey": session, "cursor": delta["deltaCursor"]}
+            )
+            assert payload_errors("ChatHistoryCursorResult", after) == []
+            assert [m["role"] for m in after["messages"]] == ["assistant", "user", "assistant"]
+            assert after["messages"][0]["openclawAbort"]["runId"] == first
+            assert after["sessionInfo"] == {"hasActiveRun": False, "activeRunIds": []}
+            assert "inFlightRun" not in after and after["pendingInputs"]["total"] == 0
+            # a rollback removes the message the cursor names: the client must start again
+            await client.ok(
+                "runtime.sessions.configure", {"sessionKey": session, "stopPolicy": "rollback"}
+            )
+            third = f"{session}-3"
+            await client.ok("chat.send", send(third, "#sim words=400 rate=200"))
+            await client.wait_chat(third, "delta")
+            named = await client.ok("chat.history", {"sessionKey": session})
+            await client.ok("chat.abort", {"sessionKey": session, "runId": third})
+            await client.wait_chat(third, "aborted")
+            reset = await client.ok(
+                "chat.history", {"sessionKey": session, "cursor": named["deltaCursor"]}
+            )
+            assert reset == {"kind": "reset"}
+            bad = await client.call("chat.history", {"sessionKey": session, "cursor": "nope"})
+            assert bad["error"]["code"] == "INVALID_REQUEST" and "cursor" in bad["error"]["message"]
+
+
+def test_a_run_that_ran_out_of_turns_ends_with_stop_reason_budget(server: ScheduleServer) -> None:
+    trio.run(_budget, server)
+
+
+async def _budget(server: ScheduleServer) -> None:
+    session = f"budget-{uuid.uuid4().hex[:10]}"
+    run = f"{session}-run"
+    script = "#sim tool=fast repeat=40 words=3 rate=5000"  # more tool turns than max_turns
+    with trio.fail_after(IO_BOUND):
+        async with open_client(server.port) as client:
+            params = {"sessionKey": session, "message": f"Go.\n{script}", "idempotencyKey": run}
+            await client.ok("chat.send", params)
+            final = await client.wait_chat(run, "final")
+            assert final["payload"]["stopReason"] == "budget"
+            end = [
+                f["payload"]["data"]
+                for f in client.events("agent", run)
+                if f["payload"]["data"].get("phase") == "end"
+            ]
+            assert end == [{"sessionKey": session, "phase": "end", "stopReason": "max_turns"}]
