@@ -458,6 +458,27 @@ async def test_the_official_client_sees_a_final_reply(stack) -> None:
     assert [f["payload"]["state"] for f in frames if f["event"] == "chat"][-1] == "final"
 
 
+async def test_the_official_client_resumes_a_live_run_and_finishes_it(stack) -> None:
+    """A client leaves mid-reply; the official client connects, reads inFlightRun and
+    follows the run by deltaText alone, from the seq the text reflects, to its end."""
+    gateway, port, _ = stack
+    with trio.fail_after(60):
+        async with open_client(port) as leaving:
+            await leaving.ok("chat.send", send("resumed", "Go.\n#sim words=120 rate=60", "run-r"))
+            await leaving.wait_event(
+                lambda f: f["event"] == "chat" and f["payload"]["seq"] >= 8  # a few deltas in
+            )
+        code, lines = await drive("resume", port, "--session", "resumed", "--run", "run-r")
+    assert code == 0, lines
+    steps = {line["name"]: line["result"] for line in lines if line["kind"] == "step"}
+    check_frames([line["frame"] for line in lines if line["kind"] == "event"])
+    rebuilt = steps["rebuilt"]
+    assert rebuilt["state"] == "final" and rebuilt["base"] and rebuilt["deltas"] > 0
+    stored = steps["chat.history.after"]["messages"][-1]
+    assert rebuilt["text"] == stored["content"][0]["text"]
+    assert len(rebuilt["text"].split()) == 120
+
+
 async def test_the_official_client_stops_on_a_wrong_token(sim, nursery) -> None:
     async with open_openai_compat(model="sim", base_url=sim.base_url + "/v1") as model:
         async with Runtime(model=model) as rt:
