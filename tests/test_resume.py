@@ -16,8 +16,10 @@ one long-lived stack (``tests.schedule_server``) over real sockets, each bounded
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
@@ -28,6 +30,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import IO_BOUND
 from tests.gateway_client import Client, Frame, open_client
+from tests.gateway_stack import running_gateway
 from tests.openclaw_schema import payload_errors
 from tests.schedule_server import ScheduleServer, schedule_server
 
@@ -307,3 +310,69 @@ async def _budget(server: ScheduleServer) -> None:
                 if f["payload"]["data"].get("phase") == "end"
             ]
             assert end == [{"sessionKey": session, "phase": "end", "stopReason": "max_turns"}]
+
+
+@attrs.define(eq=False)
+class GatedSettings:
+    """The SQLite store, except that reading the settings of session ``slow`` waits."""
+
+    inner: Any
+    gate: trio.Event = attrs.Factory(trio.Event)
+
+    async def get_settings(self, session_key: str) -> Any:
+        if session_key == "slow":
+            await self.gate.wait()
+        return await self.inner.get_settings(session_key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_cancel_frame_withdraws_a_queued_send_and_hands_its_prompt_back(
+    tmp_path: Path,
+) -> None:
+    gated: list[GatedSettings] = []
+
+    def wrap(store: Any) -> GatedSettings:
+        gated.append(GatedSettings(store))
+        return gated[0]
+
+    async with running_gateway(tmp_path / "g.db", wrap_store=wrap) as (gateway, port):
+        with trio.fail_after(IO_BOUND):
+            async with open_client(port) as client:
+
+                async def request(request_id: str, method: str, params: Any) -> None:
+                    frame = {"type": "req", "id": request_id, "method": method, "params": params}
+                    await client.send_raw(json.dumps(frame))
+
+                def send(session: str, key: str) -> dict[str, Any]:
+                    message = f"Hi {key}.\n#sim words=3 rate=1000"
+                    return {"sessionKey": session, "message": message, "idempotencyKey": key}
+
+                await request("a", "chat.send", send("slow", "held"))  # waits in admission
+                await request("b", "chat.send", send("other", "queued"))  # waits behind it
+                await client.send_raw(json.dumps({"type": "cancel", "id": "b"}))
+                withdrawn = await client.response("b")
+                assert withdrawn["ok"] is False
+                assert withdrawn["error"]["code"] == "UNAVAILABLE"
+                assert withdrawn["error"]["details"] == {
+                    "code": "REQUEST_CANCELLED",
+                    "restoredPrompt": send("other", "queued")["message"],
+                }
+                # the one being admitted is cancelled at its await: no run starts either
+                await client.send_raw(json.dumps({"type": "cancel", "id": "a"}))
+                cancelled = await client.response("a")
+                assert (
+                    cancelled["error"]["details"]["restoredPrompt"]
+                    == send("slow", "held")["message"]
+                )
+                assert gateway.runtime.get_run("held") is None
+                gated[0].gate.set()
+                for key in ("held", "queued"):  # never started: the keys are unused
+                    assert await gateway.runtime.store.get_run(key) is None
+                # a cancel that crossed its answer, or names nothing, changes nothing
+                await client.send_raw(json.dumps({"type": "cancel", "id": "a"}))
+                await client.send_raw(json.dumps({"type": "cancel", "id": "never-sent"}))
+                started = await client.ok("chat.send", send("other", "queued"))
+                assert started == {"runId": "queued", "status": "started"}
+                await client.wait_chat("queued", "final")
