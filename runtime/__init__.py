@@ -58,6 +58,7 @@ from ._model import TurnEnd as TurnEnd
 from ._model import UsageReport as UsageReport
 from ._runtime import AbortResult as AbortResult
 from ._runtime import Run as Run
+from ._runtime import RunSnapshot as RunSnapshot
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStatistics as RuntimeStatistics
 from ._runtime import StopHook as StopHook

@@ -149,6 +149,15 @@ class Subscription:
         await trio.lowlevel.checkpoint()
         return self._take()
 
+    def seal(self) -> None:
+        """From now on, no buffered delta takes in a delta published after this call.
+
+        Call it when reading a run's snapshot (``Run.snapshot``) for this subscriber, with
+        no await between the two: a delta merged across that instant would carry text the
+        snapshot already holds under a ``seq`` above the snapshot's, and a reader that
+        applies only the events after the snapshot's ``seq`` would show it twice."""
+        self._open.clear()
+
     def receive_nowait(self) -> Event | None:
         """The next buffered event, or None when there is none."""
         return self._take() if self._buffer else None

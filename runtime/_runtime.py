@@ -97,6 +97,19 @@ class RuntimeStatistics:
 
 
 @final
+@attrs.frozen
+class RunSnapshot:
+    """A live run's reply so far and the ``seq`` of the last event it published: the
+    text holds every ``TextDelta`` with a ``seq`` up to ``seq`` and none after it, so a
+    reader that then applies only the events with a higher ``seq`` misses nothing and
+    doubles nothing."""
+
+    run_id: str
+    text: str
+    seq: int
+
+
+@final
 @attrs.define(eq=False)
 class Run:
     """A handle on one run. Read its state; ``await run.wait()`` for its terminal event."""
@@ -141,8 +154,19 @@ class Run:
         return self._state.reply_text()
 
     @property
+    def accepted_at(self) -> float:
+        """When ``start_run`` admitted it, in wall-clock seconds."""
+        return self._started_at
+
+    @property
     def terminal_event(self) -> TerminalEvent | None:
         return self._terminal
+
+    def snapshot(self) -> RunSnapshot:
+        """The text so far and the ``seq`` it reflects, read at one instant. Synchronous:
+        events are published with no await after the state they report changed, so no
+        event can fall between the two reads."""
+        return RunSnapshot(self.run_id, self._state.reply_text(), self._seq - 1)
 
     async def wait(self) -> TerminalEvent:
         """Wait for the run to end and return its terminal event."""

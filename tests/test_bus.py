@@ -56,6 +56,22 @@ def test_merging_never_crosses_a_tool_event_of_the_same_run() -> None:
     assert [getattr(e, "text", None) for e in buffered] == ["before ", None, "after!"]
 
 
+def test_a_sealed_buffer_merges_nothing_across_the_seal() -> None:
+    """A reader that took a run's snapshot (text up to seq 1) must not get a delta that
+    holds text from before it under a later seq: seal() closes the merges at that point."""
+    bus = EventBus()
+    with bus.subscribe("s", capacity=1) as events, bus.subscribe("s", capacity=1) as unsealed:
+        bus.publish(delta("r", 0, "before "))
+        bus.publish(delta("r", 1, "snap "))  # merged into seq 0's entry: the buffer is full
+        events.seal()
+        bus.publish(delta("r", 2, "after"))
+        bus.publish(delta("r", 3, "!"))
+        sealed = drain(events)
+        merged = drain(unsealed)
+    assert [(e.seq, e.text) for e in sealed] == [(1, "before snap "), (3, "after!")]
+    assert [(e.seq, e.text) for e in merged] == [(3, "before snap after!")]
+
+
 def test_subscribers_see_only_their_session_and_unsubscribe_on_exit() -> None:
     bus = EventBus()
     with bus.subscribe("a") as a, bus.subscribe() as everything:

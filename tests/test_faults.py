@@ -123,6 +123,18 @@ async def test_a_provider_fault_fails_the_run_with_its_kind(
             assert (
                 failed["errorMessage"].endswith(".") and "Traceback" not in failed["errorMessage"]
             )
+            # our own kind in the runtime.failed extension, right after the error event
+            extension = await client.wait_event(
+                lambda f: f["event"] == "runtime.failed" and f["payload"]["runId"] == "fault"
+            )
+            assert extension["seq"] == client.events("chat", "fault")[-1]["seq"] + 1
+            assert extension["payload"] | {"errorMessage": ""} == {
+                "runId": "fault",
+                "sessionKey": "s",
+                "errorKind": precise,
+                "wireErrorKind": kind,
+                "errorMessage": "",
+            }
             assert len(sim.connections()) == requests
             messages = await settled_history(client, "s")
             assert messages[: len(before)] == before

@@ -48,7 +48,8 @@ async def test_handshake_then_a_reply_streams_to_its_final(stack) -> None:
             ]
             assert "".join(d["deltaText"] for d in deltas) == text
             assert deltas[-1]["message"]["content"][0]["text"] == text
-            assert [d["seq"] for d in deltas] == list(range(len(deltas)))
+            seqs = [d["seq"] for d in deltas]  # the run's own seq: rising, shared by streams
+            assert seqs == sorted(set(seqs)) and seqs[0] > 0
             history = await client.ok("chat.history", {"sessionKey": "s"})
             assert [m["role"] for m in history["messages"]] == ["user", "assistant"]
             assert history["liveRuns"] == []
@@ -156,7 +157,7 @@ async def test_a_stop_command_aborts_the_sessions_runs(stack) -> None:
             assert result == {"ok": True, "aborted": True, "runIds": ["one", "two"]}
             for run_id in ("one", "two"):
                 aborted = await client.wait_chat(run_id, "aborted")
-                assert aborted["payload"]["stopReason"] == "stop-command"
+                assert aborted["payload"]["stopReason"] == "stop"  # OpenClaw's word for /stop
 
 
 async def test_sessions_abort_keeps_queued_runs_unless_told(stack) -> None:
@@ -455,6 +456,27 @@ async def test_the_official_client_sees_a_final_reply(stack) -> None:
     frames = [line["frame"] for line in lines if line["kind"] == "event"]
     check_frames(frames)
     assert [f["payload"]["state"] for f in frames if f["event"] == "chat"][-1] == "final"
+
+
+async def test_the_official_client_resumes_a_live_run_and_finishes_it(stack) -> None:
+    """A client leaves mid-reply; the official client connects, reads inFlightRun and
+    follows the run by deltaText alone, from the seq the text reflects, to its end."""
+    gateway, port, _ = stack
+    with trio.fail_after(60):
+        async with open_client(port) as leaving:
+            await leaving.ok("chat.send", send("resumed", "Go.\n#sim words=120 rate=60", "run-r"))
+            await leaving.wait_event(
+                lambda f: f["event"] == "chat" and f["payload"]["seq"] >= 8  # a few deltas in
+            )
+        code, lines = await drive("resume", port, "--session", "resumed", "--run", "run-r")
+    assert code == 0, lines
+    steps = {line["name"]: line["result"] for line in lines if line["kind"] == "step"}
+    check_frames([line["frame"] for line in lines if line["kind"] == "event"])
+    rebuilt = steps["rebuilt"]
+    assert rebuilt["state"] == "final" and rebuilt["base"] and rebuilt["deltas"] > 0
+    stored = steps["chat.history.after"]["messages"][-1]
+    assert rebuilt["text"] == stored["content"][0]["text"]
+    assert len(rebuilt["text"].split()) == 120
 
 
 async def test_the_official_client_stops_on_a_wrong_token(sim, nursery) -> None:

@@ -212,7 +212,7 @@ async def test_a_client_that_stops_reading_slows_nobody(gateway) -> None:
             chat = [f["payload"] for f in seen if f.get("event") == "chat"]
             assert chat[-1]["state"] == "final" and chat_text(chat[-1]) == text
             assert text.startswith("".join(p["deltaText"] for p in chat[:-1]))
-            assert [p["seq"] for p in chat] == list(range(len(chat)))
+            assert [p["seq"] for p in chat] == sorted({p["seq"] for p in chat})
 
 
 @pytest.mark.parametrize(

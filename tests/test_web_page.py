@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import re
 import select
 import signal
@@ -241,9 +242,7 @@ def test_stop_while_the_model_is_silent(server: Served, page: Page) -> None:
     expect(transcript(page).get_by_text("Thinking…")).to_have_count(0)
 
 
-def test_a_tool_call_shows_running_then_stop_marks_it_cancelled(
-    page: Page, tmp_path: Path
-) -> None:
+def test_a_tool_call_shows_running_then_stop_marks_it_cancelled(page: Page, tmp_path: Path) -> None:
     """With an MCP server attached (``--mcp``): the call's status and progress while it
     runs; Stop cancels it at the server and says so; the next turn runs a tool to its end."""
     log = tmp_path / "mcp.log"
@@ -425,6 +424,100 @@ def test_a_reload_mid_run_keeps_following_the_run(server: Served, page: Page) ->
     expect(prompts(page)).to_have_count(1)
     page.get_by_role("button", name="Stop", exact=True).click()
     expect(page.get_by_role("status")).to_have_text("Stopped by user.")
+
+
+def incremental_deltas_only(page: Page) -> None:
+    """From the next load on, the page gets chat deltas without their ``message``
+    snapshot, as from a gateway that sends only ``deltaText``: it must rebuild the text
+    by the resume rule alone (a base from inFlightRun, then the deltas after its seq)."""
+    page.add_init_script(
+        """(() => {
+        const Native = window.WebSocket;
+        window.WebSocket = class extends Native {
+            set onmessage(handler) {
+                super.onmessage = (event) => {
+                    const frame = JSON.parse(event.data);
+                    if (frame.event === "chat" && frame.payload.state === "delta") {
+                        delete frame.payload.message;
+                        return handler({ data: JSON.stringify(frame) });
+                    }
+                    return handler(event);
+                };
+            }
+        };
+    })()"""
+    )
+
+
+def watch_run_text_at_its_end(page: Page) -> None:
+    """From now on, record in ``window.atEnd`` the text the page built for a run from its
+    events when the run's terminal event arrives, before the page reads history again."""
+    page.evaluate(
+        """() => {
+        window.atEnd = {};
+        const original = window.onChat;
+        window.onChat = (payload) => {
+            const run = state.runs.get(payload.runId);
+            if (payload.state !== "delta" && run) window.atEnd[payload.runId] = run.text;
+            original(payload);
+        };
+    }"""
+    )
+
+
+async def stored_replies(port: int, session: str) -> list[str]:
+    with trio.fail_after(BOUND):
+        async with open_client(port) as client:
+            read = await client.ok("chat.history", {"sessionKey": session})
+    return [
+        "".join(b["text"] for b in m["content"] if b["type"] == "text")
+        for m in read["messages"]
+        if m["role"] == "assistant"
+    ]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_reload_at_a_random_moment_rebuilds_exactly_the_stored_reply(
+    server: Served, page: Page, seed: int
+) -> None:
+    """The page follows the resume rule (inFlightRun's text and seq, then only later
+    deltas): what it built from events by the reply's end is the stored reply, whole."""
+    draw = random.Random(seed)
+    session = f"web-resume-{seed}"
+    incremental_deltas_only(page)
+    open_session(page, server.url, session)
+    send(page, "Go.\n#sim words=150 rate=150")
+    wait_for_words(replies(page).last, draw.randrange(1, 100))
+    page.reload()
+    expect(page.get_by_text("Connected", exact=True)).to_be_visible()
+    watch_run_text_at_its_end(page)
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+    at_end = page.evaluate("window.atEnd")
+    stored = trio.run(stored_replies, server.port, session)
+    assert len(stored) == 1 and len(stored[0].split()) == 150
+    if at_end:  # absent only if the reply ended before the page had read the history
+        assert list(at_end.values()) == stored
+    assert reply_text(replies(page).last) == stored[0].strip()
+
+
+def test_stop_after_a_reload_keeps_exactly_the_partial_shown(server: Served, page: Page) -> None:
+    session = "web-resume-stop"
+    incremental_deltas_only(page)
+    open_session(page, server.url, session)
+    send(page, "Go.\n#sim words=400 rate=40")
+    wait_for_words(replies(page).last, 7)
+    page.reload()
+    expect(page.get_by_text("Connected", exact=True)).to_be_visible()
+    watch_run_text_at_its_end(page)
+    seen = len(wait_for_words(replies(page).last, 3).split())
+    wait_for_words(replies(page).last, seen + 3)  # following it after the reload
+    page.get_by_role("button", name="Stop", exact=True).click()
+    expect(page.get_by_role("status")).to_have_text("Stopped by user.")
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+    shown = list(page.evaluate("window.atEnd").values())
+    stored = trio.run(stored_replies, server.port, session)
+    assert len(stored) == 1 and shown == stored  # the partial the page showed is the one kept
+    assert 10 <= len(stored[0].split()) < 400
 
 
 def test_the_page_reconnects_after_a_gateway_restart(tmp_path: Path, page: Page) -> None:

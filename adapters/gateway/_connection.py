@@ -43,6 +43,7 @@ from runtime import (
 )
 
 from ._auth import DEFAULT_AGENT_ID, MAIN_KEY, Principal, identify
+from ._history import cursor_after, live_state, messages_since, visible_messages
 from ._protocol import (
     ABORT_ON_DISCONNECT_CAP,
     ADMIN,
@@ -57,6 +58,7 @@ from ._protocol import (
     TRY_AGAIN_LATER,
     WRITE,
     AnsweredError,
+    Cancel,
     ChatAbortParams,
     ChatHistoryParams,
     ChatSendParams,
@@ -89,6 +91,9 @@ QUEUE_MODES = {
 # a chat.send of "/stop"): those are served as soon as they are read, so a Stop never
 # waits behind the connection's queued sends. Up to this many requests wait in the queue.
 QUEUED_REQUESTS = 64
+# chat.history reads the messages again while a run ends during the read, this many times
+# at most (then the run's terminal event, which the client receives, tells its end)
+HISTORY_READS = 3
 # chat.send, and our extension of it that takes allowCancel
 SEND_METHODS = frozenset({"chat.send", "runtime.chat.send"})
 
@@ -114,6 +119,33 @@ def _is_stop(request: Request) -> bool:
     )
 
 
+@attrs.define(eq=False)
+class _Pending:
+    """A request read and not yet answered: a cancel frame withdraws it while it waits
+    in the queue, or cancels its handler once it runs."""
+
+    request: Request
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    started: bool = False
+    withdrawn: bool = False
+
+
+def _cancelled(request: Request) -> ProtocolError:
+    """The answer to a request that a cancel frame withdrew before it was done. A
+    chat.send's message comes back in ``details.restoredPrompt``: no run was started."""
+    details: dict[str, Any] = {"code": "REQUEST_CANCELLED"}
+    params = request.params
+    message = f"The {request.method} request was cancelled before it was done."
+    if request.method in SEND_METHODS and isinstance(params, dict):
+        if isinstance(params.get("message"), str):
+            details["restoredPrompt"] = params["message"]
+            message = (
+                f"The {request.method} request was cancelled before its run was admitted: "
+                "nothing was started, and its message is in details.restoredPrompt."
+            )
+    return ProtocolError("UNAVAILABLE", message, details=details, retryable=False)
+
+
 class _Close(Exception):
     def __init__(self, code: int, reason: str):
         super().__init__(reason)
@@ -136,6 +168,7 @@ class Connection:
     _started_runs: set[str] = attrs.field(factory=set)  # live runs, for abort-on-disconnect
     # Queued chat.send requests not yet admitted: run id -> (session key, admitted)
     _pending_sends: dict[str, tuple[Any, trio.Event]] = attrs.field(factory=dict)
+    _requests: dict[str, _Pending] = attrs.field(factory=dict)  # read, not yet answered
     _events: Subscription | None = None
     _sender_done: trio.Event = attrs.field(factory=trio.Event)
     # its deadline is the frame being written's (send_timeout after it began); inf when idle
@@ -181,6 +214,8 @@ class Connection:
         request = await self._read(message)
         if request is None:  # malformed, and answered: the handshake cannot go on
             raise _Close(POLICY_VIOLATION, "The first request must be a well-formed connect.")
+        if isinstance(request, Cancel):
+            raise _Close(POLICY_VIOLATION, "The first request must be connect.")
         if request.method != "connect":
             await self._fail(request.id, invalid("The first request must be connect."))
             raise _Close(POLICY_VIOLATION, "The first request must be connect.")
@@ -302,6 +337,10 @@ class Connection:
                     request = await self._read(await self.ws.get_message())
                     if request is None:
                         continue
+                    if isinstance(request, Cancel):
+                        await self._cancel(request.id)
+                        continue
+                    self._requests[request.id] = _Pending(request)
                     if _is_stop(request):
                         await self._after_pending_sends(request.params)
                         await self._handle(request)
@@ -317,6 +356,23 @@ class Connection:
                 key = _send_key(request)
                 if key is not None and key in self._pending_sends:
                     self._pending_sends.pop(key)[1].set()
+
+    async def _cancel(self, request_id: str) -> None:
+        """A cancel frame: a request still queued is withdrawn and answered now; one being
+        handled is cancelled at its next await (a chat.send whose run was registered is
+        past its last await, so it is answered as started). Unknown or answered: ignored,
+        as a cancel that crossed the answer."""
+        pending = self._requests.get(request_id)
+        if pending is None or pending.withdrawn:
+            return
+        if pending.started:
+            pending.scope.cancel("cancel frame")
+            return
+        pending.withdrawn = True
+        key = _send_key(pending.request)
+        if key is not None and key in self._pending_sends:  # stops waiting for it go on
+            self._pending_sends.pop(key)[1].set()
+        await self._fail(request_id, _cancelled(pending.request))
 
     def _note_pending_send(self, request: Request) -> None:
         key = _send_key(request)
@@ -379,7 +435,7 @@ class Connection:
             await trio.sleep(self.gateway.tick_interval_ms / 1000)
             await self._event("tick", {"ts": now_ms()})
 
-    async def _read(self, message: str | bytes) -> Request | None:
+    async def _read(self, message: str | bytes) -> Request | Cancel | None:
         """Parse a frame. None: it was malformed and has been answered."""
         try:
             return parse_request(message)
@@ -390,6 +446,19 @@ class Connection:
             return None
 
     async def _handle(self, request: Request) -> None:
+        pending = self._requests.get(request.id)
+        if pending is None or pending.request is not request:
+            pending = _Pending(request)  # not read by the loop (not cancellable by id)
+        elif pending.withdrawn:
+            return  # answered when it was withdrawn
+        pending.started = True
+        try:
+            await self._answer(request, pending)
+        finally:
+            if self._requests.get(request.id) is pending:
+                del self._requests[request.id]
+
+    async def _answer(self, request: Request, pending: _Pending) -> None:
         method = _METHODS.get(request.method)
         try:
             if method is None:
@@ -405,7 +474,10 @@ class Connection:
                         "requiredScopes": [needed],
                     },
                 )
-            payload = await handler(self, request.params)
+            with pending.scope:
+                payload = await handler(self, request.params)
+            if pending.scope.cancelled_caught:
+                raise _cancelled(request)
         except ProtocolError as error:
             await self._fail(request.id, error)
         except InvalidRequest as exc:
@@ -521,23 +593,50 @@ class Connection:
         if not 1 <= params.limit <= 1000:
             raise invalid("params.limit must be from 1 to 1000.")
         runtime = self.gateway.runtime
-        messages = await runtime.store.history(params.sessionKey, params.limit)
-        settings = await runtime.store.get_settings(params.sessionKey)
-        live = [
+        key = params.sessionKey
+        settings = None
+        if params.cursor is None:
+            settings = await runtime.store.get_settings(key)
+        for _ in range(HISTORY_READS):
+            before = {r.run_id for r in runtime.live_runs(key)}
+            stored = await runtime.store.history(key, params.limit + 1)
+            # From here no await: the live runs are read at one instant, after the messages
+            runs = runtime.live_runs(key)
+            if before <= {r.run_id for r in runs}:
+                break
+            # A run ended during the read: its result may have landed just after it (a
+            # run leaves the registry only once committed), so read again.
+        live, snapshot = live_state(runs, stored)
+        if self._events is not None:
+            self._events.seal()  # no delta merges across the snapshot (see Subscription.seal)
+        if params.cursor is not None:
+            since = messages_since(params.cursor, stored, params.limit)
+            if since is None:
+                return {"kind": "reset"}
+            return {
+                "kind": "delta",
+                "messages": visible(since),
+                "deltaCursor": cursor_after(stored),
+                **live,
+            }
+        assert settings is not None
+        live_runs = [  # ours: what the page needs beyond OpenClaw's words (allowCancel)
             {
                 "runId": r.run_id,
                 "phase": r.phase,
                 "prompt": r.prompt,
-                "text": r.text,
+                "text": snapshot.text if snapshot and snapshot.run_id == r.run_id else r.text,
                 "allowCancel": r.allow_cancel,
             }
-            for r in runtime.live_runs(params.sessionKey)
+            for r in runs
         ]
         return {
-            "sessionKey": params.sessionKey,
-            "sessionId": params.sessionKey,
-            "messages": visible(messages),
-            "liveRuns": live,
+            "sessionKey": key,
+            "sessionId": key,
+            "messages": visible_messages(stored, params.limit),
+            "deltaCursor": cursor_after(stored),
+            **live,
+            "liveRuns": live_runs,
             "settings": {"stopPolicy": settings.stop_policy, "concurrency": settings.concurrency},
         }
 

@@ -87,6 +87,13 @@ class Request:
     params: Any
 
 
+@attrs.frozen
+class Cancel:
+    """A ``{"type": "cancel", "id"}`` frame: withdraw the pending request with this id."""
+
+    id: str
+
+
 class Unreadable(Exception):
     """A frame with no id we could answer to: the connection is closed with 1007."""
 
@@ -94,8 +101,8 @@ class Unreadable(Exception):
 _ID = re.compile(r'"id"\s*:\s*"([^"\\]{1,256})"')
 
 
-def parse_request(text: str | bytes) -> Request:
-    """Read one request frame. Raises ProtocolError (answerable) or Unreadable."""
+def parse_request(text: str | bytes) -> Request | Cancel:
+    """Read one request (or cancel) frame. Raises ProtocolError (answerable) or Unreadable."""
     if isinstance(text, bytes):
         raise Unreadable("Binary frames are not part of the protocol; send JSON text.")
     try:
@@ -111,8 +118,10 @@ def parse_request(text: str | bytes) -> Request:
     frame_id = frame.get("id")
     if not isinstance(frame_id, str) or not frame_id:
         raise Unreadable("The frame has no string id, so there is nothing to answer.")
+    if frame.get("type") == "cancel":
+        return Cancel(frame_id)
     if frame.get("type") != "req":
-        raise _answer(frame_id, 'Only request frames ("type": "req") may be sent.')
+        raise _answer(frame_id, 'Only request ("req") and cancel frames may be sent.')
     method = frame.get("method")
     if not isinstance(method, str) or not method:
         raise _answer(frame_id, "The request has no method name.")
@@ -196,6 +205,7 @@ class ChatAbortParams:
 class ChatHistoryParams:
     sessionKey: str
     limit: int = 200
+    cursor: str | None = None  # a deltaCursor: only what changed since (see _history)
 
 
 @attrs.frozen

@@ -36,7 +36,7 @@ from ._protocol import (
     SEND_TIMEOUT,
     TICK_INTERVAL_MS,
 )
-from ._translate import STOPPED_EVENT
+from ._translate import FAILED_EVENT, STOPPED_EVENT
 
 logger = logging.getLogger("adapters.gateway")
 
@@ -94,7 +94,7 @@ class Gateway:
     _shutdown: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     def event_names(self) -> list[str]:
-        return ["agent", "chat", "connect.challenge", STOPPED_EVENT, "tick"]
+        return ["agent", "chat", "connect.challenge", FAILED_EVENT, STOPPED_EVENT, "tick"]
 
     def capabilities(self) -> list[str]:
         """``hello-ok.features.capabilities``: the runtime's tools, ``runtime.tool:NAME``."""

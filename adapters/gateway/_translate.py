@@ -2,10 +2,14 @@
 
 One ``EventView`` per connection turns the runtime's events into the frames that
 connection receives. It keeps each live run's text so far, because an OpenClaw ``delta``
-carries the whole message, and it counts ``seq`` per run for each stream it sends.
-What OpenClaw's schemas have no field for (the stop receipt, the policy, the restored
-prompt, timings) goes in the ``runtime.stopped`` extension event, sent right after the
-run's ``aborted`` chat event.
+carries the whole message. The ``seq`` of a ``chat`` or ``agent`` frame is the runtime
+event's own per-run ``seq``, the same on every connection, so a client that read
+``chat.history``'s ``inFlightRun`` (text and the ``seq`` it reflects) applies exactly the
+frames with a higher one; a stream's ``seq`` rises with gaps where an event has no frame
+on it. What OpenClaw's schemas have no field for (the stop receipt, the policy, the
+restored prompt, timings) goes in the ``runtime.stopped`` extension event, sent right
+after the run's ``aborted`` chat event; a failure's own kind goes in ``runtime.failed``,
+right after its ``error`` chat event.
 """
 
 from __future__ import annotations
@@ -40,7 +44,14 @@ from runtime import (
 )
 
 STOPPED_EVENT: Final = "runtime.stopped"
+FAILED_EVENT: Final = "runtime.failed"
 OPENCLAW_ERROR_KINDS: Final = frozenset({"refusal", "timeout", "rate_limit", "context_length"})
+# a stop's reason on the wire (chat ``aborted`` stopReason) where it differs from ours:
+# OpenClaw says ``stop`` for a /stop command (its history's ``origin`` keeps stop-command)
+WIRE_STOP_REASONS: Final = {"stop-command": "stop"}
+# a run that finished because a budget of ours ran out (chat ``final`` stopReason
+# ``budget``; the budget's name stays in the agent lifecycle ``end`` event's data)
+BUDGET_STOP_REASONS: Final = frozenset({"max_turns", "max_tool_calls"})
 
 Frame = tuple[str, dict[str, Any]]  # (event name, payload)
 
@@ -118,21 +129,22 @@ def _assistant(text: str) -> dict[str, Any]:
     }
 
 
+def wire_stop_reason(reason: str) -> str:
+    """A stop's reason as the chat ``aborted`` event's ``stopReason`` says it."""
+    return WIRE_STOP_REASONS.get(reason, reason)
+
+
+def wire_error_kind(kind: str) -> str:
+    """Our failure kind as OpenClaw's ``errorKind`` enum names it."""
+    return kind if kind in OPENCLAW_ERROR_KINDS else "unknown"
+
+
 @attrs.define
 class _RunView:
     session_key: str
     text: str = ""
     thinking: str = ""
-    chat_seq: int = 0
-    agent_seq: int = 0
-
-    def next_chat(self) -> int:
-        seq, self.chat_seq = self.chat_seq, self.chat_seq + 1
-        return seq
-
-    def next_agent(self) -> int:
-        seq, self.agent_seq = self.agent_seq, self.agent_seq + 1
-        return seq
+    seq: int = 0  # the runtime event being translated: every frame of it carries its seq
 
 
 @final
@@ -153,6 +165,7 @@ class EventView:
         view = self._runs.get(event.run_id)
         if view is None:
             view = self._runs[event.run_id] = _RunView(event.session_key)
+        view.seq = event.seq
         run_id = event.run_id
         if isinstance(event, RunQueued):
             yield self._agent(
@@ -196,9 +209,10 @@ class EventView:
     def _terminal(self, view: _RunView, event: Event) -> Iterator[Frame]:
         run_id = event.run_id
         if isinstance(event, RunFinished):
-            yield self._agent(view, run_id, "lifecycle", {"phase": "end"})
+            reason = event.stop_reason
+            yield self._agent(view, run_id, "lifecycle", {"phase": "end", "stopReason": reason})
             final: dict[str, Any] = {
-                "stopReason": event.stop_reason,
+                "stopReason": "budget" if reason in BUDGET_STOP_REASONS else reason,
                 "usage": wire_usage(event.usage),
             }
             if event.message is not None:
@@ -206,7 +220,7 @@ class EventView:
             yield self._chat(view, run_id, state="final", **final)
         elif isinstance(event, RunCancelled):
             yield self._agent(view, run_id, "lifecycle", {"phase": "end", "aborted": True})
-            aborted: dict[str, Any] = {"stopReason": event.reason}
+            aborted: dict[str, Any] = {"stopReason": wire_stop_reason(event.reason)}
             if event.message is not None:
                 aborted["message"] = wire_message(event.message)
             yield self._chat(view, run_id, state="aborted", **aborted)
@@ -215,24 +229,24 @@ class EventView:
             yield self._agent(
                 view, run_id, "lifecycle", {"phase": "error", "errorKind": event.error_kind}
             )
-            kind = event.error_kind if event.error_kind in OPENCLAW_ERROR_KINDS else "unknown"
             yield self._chat(
                 view,
                 run_id,
                 state="error",
                 errorMessage=event.error_message,
-                errorKind=kind,
+                errorKind=wire_error_kind(event.error_kind),
                 errorDetail={"providerErrorType": event.error_kind},
             )
+            yield FAILED_EVENT, failed_payload(event)
 
     def _chat(self, view: _RunView, run_id: str, **fields: Any) -> Frame:
-        payload = {"runId": run_id, "sessionKey": view.session_key, "seq": view.next_chat()}
+        payload = {"runId": run_id, "sessionKey": view.session_key, "seq": view.seq}
         return "chat", payload | fields
 
     def _agent(self, view: _RunView, run_id: str, stream: str, data: Mapping[str, Any]) -> Frame:
         return "agent", {
             "runId": run_id,
-            "seq": view.next_agent(),
+            "seq": view.seq,
             "stream": stream,
             "ts": now_ms(),
             "data": {"sessionKey": view.session_key, **data},
@@ -244,6 +258,18 @@ def _wire_receipt(receipt: ToolReceipt) -> dict[str, Any]:
     if receipt.cancel_delivered is not None:
         wire["cancelDelivered"] = receipt.cancel_delivered
     return wire
+
+
+def failed_payload(event: RunFailed) -> dict[str, Any]:
+    """The ``runtime.failed`` extension: the failure's own kind (``store``, ``overloaded``,
+    ...), where the chat ``error`` event says only OpenClaw's coarser ``errorKind``."""
+    return {
+        "runId": event.run_id,
+        "sessionKey": event.session_key,
+        "errorKind": event.error_kind,
+        "wireErrorKind": wire_error_kind(event.error_kind),
+        "errorMessage": event.error_message,
+    }
 
 
 def stopped_payload(event: RunCancelled) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 //        [--session KEY] [--message TEXT] [--timeout-ms N]
 //   node tests/node/drive.mjs --check      (imports the packages, prints one line, exits 0)
 //
-// Scenarios: send-abort, send-final, bad-token (see usage below).
+// Scenarios: send-abort, send-final, resume, bad-token (see usage below).
 //
 // stdout: one JSON object per line:
 //   {"kind":"event","frame":<event frame exactly as received>}   every event the client
@@ -17,7 +17,7 @@
 import { randomUUID } from "node:crypto";
 
 const USAGE = `usage: node drive.mjs <scenario> --url ws://127.0.0.1:PORT [--token T] [--session KEY]
-                     [--message TEXT] [--timeout-ms N]
+                     [--message TEXT] [--run RUN_ID] [--timeout-ms N]
        node drive.mjs --check
 scenarios:
   send-abort  connect; chat.send; wait for 3 'delta' chat events of the run; chat.abort {sessionKey, runId};
@@ -25,6 +25,11 @@ scenarios:
               default --message "Tell me something.\\n#sim words=400 rate=50"
   send-final  connect; chat.send; wait for the 'final' chat event; chat.history {sessionKey}; stop.
               default --message "Hi.\\n#sim words=5 rate=100"
+  resume      pick up the live run --run that another client started: connect (and
+              sessions.messages.subscribe {key} when hello-ok lists it); chat.history; from
+              its inFlightRun {text, seq} apply only the run's chat deltas with a higher seq
+              (deltaText alone) until its terminal event; report the text rebuilt
+              ('rebuilt' step); chat.history again; stop.
   bad-token   connect with --token (default: a wrong token); report the connect error and the
               close, stop after the first failure (no reconnect loop). Exit 0 if the gateway
               refused the connection, 1 if it accepted it.
@@ -35,7 +40,7 @@ const DEFAULT_MESSAGES = {
   "send-abort": "Tell me something.\n#sim words=400 rate=50",
   "send-final": "Hi.\n#sim words=5 rate=100",
 };
-const SCENARIOS = new Set(["send-abort", "send-final", "bad-token"]);
+const SCENARIOS = new Set(["send-abort", "send-final", "resume", "bad-token"]);
 
 function parseArgs(argv) {
   const opts = { session: "agent:main:main", timeoutMs: 30000 };
@@ -52,6 +57,7 @@ function parseArgs(argv) {
     else if (a === "--token") opts.token = value();
     else if (a === "--session") opts.session = value();
     else if (a === "--message") opts.message = value();
+    else if (a === "--run") opts.run = value();
     else if (a === "--timeout-ms") opts.timeoutMs = Number(value());
     else if (a.startsWith("--")) fail(`unknown option ${a}\n${USAGE}`, 2);
     else positional.push(a);
@@ -268,6 +274,34 @@ async function sendAndWait(terminal) {
   await stop();
 }
 
+async function resume() {
+  const sessionKey = opts.session;
+  const runId = opts.run;
+  if (!runId) fail("resume needs --run RUN_ID", 2);
+  const helloOk = await step("connect", () => hello);
+  // Subscribe first, then read history (docs/protocol.md, "Reconnect and resume").
+  if (helloOk?.features?.methods?.includes("sessions.messages.subscribe")) {
+    await step("subscribe", () => client.request("sessions.messages.subscribe", { key: sessionKey }));
+  }
+  const read = await step("chat.history", () => client.request("chat.history", { sessionKey }));
+  const flight = read?.inFlightRun;
+  if (!flight || flight.runId !== runId) throw new Error(`no inFlightRun for ${runId}: ${JSON.stringify(read?.sessionInfo)}`);
+  const ofRun = (p) => p.runId === runId;
+  const end = await step("wait.end", () =>
+    waitChat("the run's terminal chat event", (p) => ofRun(p) && ["final", "aborted", "error"].includes(p.state)));
+  const later = chatEvents.filter((p) => ofRun(p) && p.state === "delta" && p.seq > flight.seq);
+  await step("rebuilt", async () => ({
+    runId,
+    base: flight.text,
+    seq: flight.seq,
+    deltas: later.length,
+    text: flight.text + later.map((p) => p.deltaText).join(""),
+    state: end.state,
+  }));
+  await step("chat.history.after", () => client.request("chat.history", { sessionKey }));
+  await stop();
+}
+
 async function badToken() {
   waitingFor = "the connect failure";
   let accepted = null;
@@ -303,6 +337,7 @@ async function badToken() {
 client.start();
 try {
   if (isBadToken) await badToken();
+  else if (opts.scenario === "resume") await resume();
   else await sendAndWait(opts.scenario === "send-abort" ? "aborted" : "final");
 } catch (err) {
   try { client.stop(); } catch {}

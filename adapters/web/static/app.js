@@ -7,6 +7,7 @@ const DEFAULT_SESSION = "agent:main:main";  // if hello-ok names no main session
 const TOKEN_KEY = "trio-agent-token";
 const STOP_NOTES = {
   rpc: "Stopped by user.",
+  stop: "Stopped by user.",
   "stop-command": "Stopped by user.",
   interrupted: "Interrupted by a newer message.",
   shutdown: "Stopped: the gateway shut down.",
@@ -226,11 +227,13 @@ async function loadSession() {
   ui.stopPolicy.value = read.settings.stopPolicy;
   ui.concurrency.value = read.settings.concurrency;
   const runs = new Map();
+  const flight = read.inFlightRun;
   for (const live of read.liveRuns) {
     if (state.ended.has(live.runId)) continue;
     const known = state.runs.get(live.runId);
     const run = known || newRun(live.runId);
-    if (!known || live.text.length > run.text.length) run.text = live.text;
+    if (flight && flight.runId === live.runId) adopt(run, flight.text, flight.seq);
+    else if (!run.based) adopt(run, "", -1);  // queued: nothing said yet
     run.phase = live.phase;
     run.allowCancel = live.allowCancel !== false;
     runs.set(live.runId, run);
@@ -255,15 +258,50 @@ function listSoon() {
 
 // -- runs ---------------------------------------------------------------------------
 
-function newRun(runId) {
-  // allowCancel: false when the run was started so that no client may stop it
-  return { runId, text: "", thinking: "", phase: "running", allowCancel: true, tools: new Map(), born: performance.now(), el: null };
+function newRun(runId, based = false) {
+  // allowCancel: false when the run was started so that no client may stop it.
+  // The resume rule (docs/protocol.md, "Reconnect and resume"): `seq` is the run's seq
+  // that `text` reflects; events at or below it are in the text already. A run first
+  // seen mid-stream has no base until a delta with the whole `message` or the history's
+  // `inFlightRun` gives one; its deltas wait in `early` until then.
+  return { runId, text: "", seq: -1, based, early: [], thinking: "", phase: "running", allowCancel: true, tools: new Map(), born: performance.now(), el: null };
 }
 
-function runFor(runId) {
+// The history's snapshot of a run: taken unless the page already holds a later one; the
+// deltas that came before it and are newer than it are applied on top, in order.
+function adopt(run, text, seq) {
+  if (run.based && run.seq >= seq) return;
+  run.text = text;
+  run.seq = seq;
+  run.based = true;
+  for (const [early, delta] of run.early) {
+    if (early > run.seq) { run.text += delta; run.seq = early; }
+  }
+  run.early = [];
+}
+
+function applyDelta(run, payload) {
+  if (payload.seq <= run.seq) return false;  // already in the text
+  if (payload.message) {  // the whole text so far
+    run.text = textOf(payload.message);
+    run.based = true;
+    run.early = [];
+  } else if (run.based) {
+    run.text += payload.deltaText;
+  } else {
+    run.early.push([payload.seq, payload.deltaText]);  // until the history read gives a base
+    return false;
+  }
+  run.seq = payload.seq;
+  return true;
+}
+
+function runFor(runId, from = null) {
   let run = state.runs.get(runId);
   if (!run && !state.ended.has(runId)) {
-    run = newRun(runId);
+    // seen from its first event (options, queued, start): it has said nothing before it
+    run = newRun(runId, from !== null);
+    if (from !== null) run.seq = from;
     state.runs.set(runId, run);
     if (!state.mine.has(runId)) reloadSoon();  // another client's message: read its prompt
     render();
@@ -286,7 +324,8 @@ function onAgent(payload) {
     if (payload.stream === "lifecycle") listSoon();
     return;
   }
-  const run = runFor(payload.runId);
+  const first = payload.stream === "lifecycle" && ["options", "queued", "start"].includes(data.phase);
+  const run = runFor(payload.runId, first ? payload.seq : null);
   if (!run) return;
   if (payload.stream === "lifecycle") {
     if (data.phase === "queued") run.phase = "queued";
@@ -319,8 +358,7 @@ function onChat(payload) {
   const runId = payload.runId;
   if (payload.state === "delta") {
     const run = runFor(runId);
-    if (!run) return;
-    run.text = textOf(payload.message);
+    if (!run || !applyDelta(run, payload)) return;
     run.thinking = "";
     paintRun(run);
     return;
@@ -371,7 +409,7 @@ async function send(text, fromBox) {
   if (fromBox) ui.box.value = "";
   const sent = { role: "user", content: [{ type: "text", text }], timestamp: Date.now() };
   state.messages.push(sent);
-  const run = newRun(runId);
+  const run = newRun(runId, true);  // ours: every event of it reaches us
   if (busy) run.phase = "queued";
   state.runs.set(runId, run);
   render();
