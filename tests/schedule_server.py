@@ -46,7 +46,10 @@ T = TypeVar("T")
 FAST_TOOL_SECONDS = 0.003
 SLOW_TOOL_SECONDS = 0.06
 HUNG_TOOL_SECONDS = 0.5  # a blocking call that ignores a stop (its thread is abandoned)
-STALL_BYTES, STALL_SECONDS = 64 * 1024, 1.0  # lag bounds: a stalled client is closed soon
+# Lag bounds, tighter than the gateway's defaults so that a stalled client is closed within
+# an example, yet loose enough that a reading client on a busy 2-core machine never is
+# (1 s closed one once, in a --long run with the machine's load average at 4).
+STALL_BYTES, STALL_SECONDS = 64 * 1024, 5.0
 # Runtime._drive's task is named "run <run_id>", a tool round's "tools <run_id>"
 RUN_TASK_PREFIXES = ("run ", "tools ")
 
