@@ -47,7 +47,9 @@ async def test_handshake_then_a_reply_streams_to_its_final(stack) -> None:
                 if f["payload"]["state"] == "delta"
             ]
             assert "".join(d["deltaText"] for d in deltas) == text
-            assert deltas[-1]["message"]["content"][0]["text"] == text
+            # only the first delta carries the message so far: frames are O(new text)
+            assert deltas[0]["message"]["content"][0]["text"] == deltas[0]["deltaText"]
+            assert all("message" not in d for d in deltas[1:])
             assert [d["seq"] for d in deltas] == list(range(len(deltas)))
             history = await client.ok("chat.history", {"sessionKey": "s"})
             assert [m["role"] for m in history["messages"]] == ["user", "assistant"]
