@@ -459,6 +459,26 @@ async def test_the_official_client_sees_a_final_reply(stack) -> None:
     assert [f["payload"]["state"] for f in frames if f["event"] == "chat"][-1] == "final"
 
 
+async def test_the_official_client_subscribed_rebuilds_the_reply_from_delta_text(stack) -> None:
+    gateway, port, _ = stack
+    message = "Go.\n#sim words=2000 rate=1000"
+    with trio.fail_after(60):
+        code, lines = await drive("send-final", port, "--subscribe", "--message", message)
+    assert code == 0, lines
+    steps = {line["name"]: line["result"] for line in lines if line["kind"] == "step"}
+    assert steps["sessions.messages.subscribe"] == {"subscribed": True, "key": "agent:main:main"}
+    frames = [line["frame"] for line in lines if line["kind"] == "event"]
+    check_frames(frames)
+    chat = [f["payload"] for f in frames if f["event"] == "chat"]
+    final = chat[-1]
+    assert final["state"] == "final"
+    text = final["message"]["content"][0]["text"]
+    assert len(text.split()) == 2000
+    assert "".join(p["deltaText"] for p in chat[:-1]) == text  # deltaText alone
+    assert all("message" not in p for p in chat[1:-1])
+    assert steps["chat.history"]["messages"][-1]["content"][0]["text"] == text
+
+
 async def test_the_official_client_stops_on_a_wrong_token(sim, nursery) -> None:
     async with open_openai_compat(model="sim", base_url=sim.base_url + "/v1") as model:
         async with Runtime(model=model) as rt:
