@@ -135,6 +135,26 @@ async def test_subscribing_mid_reply_starts_from_the_text_so_far(stack) -> None:
             )
 
 
+async def test_following_a_session_again_restarts_from_its_text_so_far(stack) -> None:
+    _, port = stack
+    with trio.fail_after(BOUND):
+        async with open_client(port) as sender, open_client(port) as page:
+            await sender.ok("chat.send", send("s", "Go.\n#sim words=600 rate=300", "run"))
+            await page.wait_chat("run", "delta")  # as an operator, from its start
+            await page.ok("sessions.messages.subscribe", {"key": "other"})  # s: no longer
+            await sender.wait_event(
+                lambda f: f["event"] == "chat" and f["payload"].get("seq", 0) >= 100
+            )
+            away = len(page.received)
+            await page.ok("sessions.messages.subscribe", {"key": "s"})  # back, mid-reply
+            final = (await page.wait_chat("run", "final"))["payload"]
+    back = deltas(page.received[away:], "run")
+    assert len(final_text(back[0]).split()) > 100  # the text so far, again
+    assert final_text(back[0]) + "".join(d["deltaText"] for d in back[1:]) == final_text(final)
+    seqs = [d["seq"] for d in deltas(page.received, "run")]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # its per-run seq goes on
+
+
 async def test_subscribe_refuses_a_bad_key_and_needs_the_read_scope(stack) -> None:
     _, port = stack
     with trio.fail_after(BOUND):

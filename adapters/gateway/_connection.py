@@ -567,21 +567,37 @@ class Connection:
         events, view = self._events, self._view
         assert events is not None and view is not None
         # No await from here on: the text so far and the events after it line up.
-        narrowing = events.follows_everything
+        followed = events.follows_everything or params.key in events.sessions
         events.follow_session(params.key)
-        if narrowing:  # the other sessions' runs are no longer followed
-            view.forget(lambda run_id, key: key in events.sessions or run_id in events.runs)
-        view.seed(self.gateway.runtime.live_runs(params.key))
+        live = self.gateway.runtime.live_runs(params.key)
+        if not followed:  # followed anew: the next delta of each run carries its text so far
+            view.seed([r for r in live if r.run_id not in events.runs], refresh=True)
+        view.seed(live)
+        self._forget_unfollowed()
         return {"subscribed": True, "key": params.key}
 
     async def _messages_unsubscribe(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, SessionsMessagesParams)
         self._own(key=params.key)
-        events, view = self._events, self._view
-        assert events is not None and view is not None
-        events.unfollow_session(params.key)
-        view.forget(lambda run_id, key: key != params.key or run_id in events.runs)
+        assert self._events is not None
+        self._events.unfollow_session(params.key)
+        self._forget_unfollowed()
         return {"subscribed": False, "key": params.key}
+
+    def _forget_unfollowed(self) -> None:
+        """Drop the view's runs that ended while this connection did not follow them (a
+        followed run's view ends with its terminal event; an unfollowed live run keeps its
+        per-run seq, should the connection follow it again)."""
+        events, view, runtime = self._events, self._view, self.gateway.runtime
+        assert events is not None and view is not None
+        view.forget(
+            lambda run_id, key: (
+                events.follows_everything
+                or key in events.sessions
+                or run_id in events.runs
+                or runtime.get_run(run_id) is not None
+            )
+        )
 
     async def _sessions_list(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, SessionsListParams)

@@ -303,13 +303,18 @@ class EventView:
     cache: FrameCache = attrs.field(factory=FrameCache)
     _runs: dict[str, _RunView] = attrs.field(factory=dict, init=False)
 
-    def seed(self, runs: list[Run]) -> None:
+    def seed(self, runs: list[Run], *, refresh: bool = False) -> None:
         """Start from the live runs' text so far (call when subscribing, with no await
         between the two, so the snapshot and the events after it line up exactly). Runs
-        already followed are left as they are."""
+        already in the view are left as they are, unless ``refresh``: then their next delta
+        carries the text so far again (for runs followed anew); their ``seq`` goes on."""
         for run in runs:
-            if run.run_id not in self._runs:
+            view = self._runs.get(run.run_id)
+            if view is None:
                 self._runs[run.run_id] = _RunView(run.session_key, text=run.text)
+            elif refresh:
+                view.text, view.text_sent = run.text, False
+                view.thinking, view.thinking_sent = "", False
 
     def forget(self, keep: Callable[[str, str], bool]) -> None:
         """Drop the runs for which ``keep(run_id, session_key)`` is false."""
