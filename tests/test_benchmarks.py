@@ -112,3 +112,16 @@ def test_quick_benchmarks_write_a_report(tmp_path: Path) -> None:
         k: v for k, v in sections.items() if k != "stop_commit"
     }
     assert len(_rows(again["stop_commit"])) == 6
+
+
+def test_a_quick_run_never_writes_the_committed_report() -> None:
+    from benchmarks.__main__ import QUICK_REPORT, REPORT, report_path
+
+    assert report_path(quick=True, report=None) == QUICK_REPORT != REPORT
+    assert QUICK_REPORT.parent.name == "bench-quick"  # plots go beside it, in bench-quick/
+    assert report_path(quick=False, report=None) == REPORT
+    assert report_path(quick=True, report=Path("x.md")) == Path("x.md")  # --report decides
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(QUICK_REPORT)], cwd=REPORT.parent, check=False
+    )
+    assert ignored.returncode == 0  # never committed by accident
