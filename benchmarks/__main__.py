@@ -70,7 +70,10 @@ async def main(quick: bool, names: list[str], report: pathlib.Path) -> None:
             draw(section.plot, section.title, report.parent / link)
         load = f"load average {os.getloadavg()[0]:.1f} at the end"  # a busy machine is noisy
         stamp = f"_{mode}, {time.strftime('%Y-%m-%d')}, {took:.0f} s; {machine()}; {load}._\n\n"
-        text = section.markdown(link)
+        part_links = [f"{PLOTS}/{name}-{part.key}.png" for part in section.parts]
+        for part, part_link in zip(section.parts, part_links, strict=True):
+            draw(part.plot, part.title, report.parent / part_link)
+        text = section.markdown(link, part_links)
         sections[name] = text.replace("\n\n", "\n\n" + stamp, 1)
         print(sections[name], f"({name}: {took:.1f} s)\n", sep="\n", flush=True)
         await path.write_text(assemble(HEADER.format(plots=PLOTS), sections, DEFAULT + ON_REQUEST))

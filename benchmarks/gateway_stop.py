@@ -12,18 +12,21 @@ sim and gateway.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import math
 import time
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import trio
+from trio_websocket import ConnectionClosed
 
 from ._gateway import CONNECT as CONNECT  # soak.py imports these three from here
-from ._gateway import SERVED, Client, gateway_process, open_client
+from ._gateway import SERVED, Client, GatewayProcess, gateway_process, open_client
 from ._gateway import _until_told_to_stop as _until_told_to_stop
-from ._report import Plot, Section, Series, Summary, ms
+from ._report import Part, Plot, Section, Series, Summary, ms
 from .provider_close import sim_process
 
 # Other runs streaming -> words (deltas) per second for each: the gateway pushes about
@@ -127,6 +130,182 @@ async def measure(others: int, trials: int, gc_mode: str = SERVED) -> list[Resul
     return results
 
 
+# -- under load: long replies, a client subscribed to its session, an operator reading all --
+
+LOAD_WORDS: Final = 2000  # each background reply: long enough that frame growth would show
+LOAD_RATE: Final = 20.0  # words (deltas) per second of each background reply
+LOAD_SETTLE: Final = 3.0  # seconds after the last background run started, before trials
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    return "".join(b.get("text", "") for b in message["content"] if b["type"] == "text")
+
+
+@attrs.define(eq=False)
+class Operator(Client):
+    """A connection that never subscribes (the operator broadcast) and reads every frame,
+    rebuilding each run's text from ``deltaText`` alone (a delta's ``message``, sent on the
+    first delta it sees of a run, starts it)."""
+
+    texts: dict[str, list[str]] = attrs.Factory(dict)
+    finals: dict[str, str] = attrs.Factory(dict)
+    finished: trio.Event = attrs.Factory(trio.Event)
+    expected: int = 0  # set finished once this many runs have ended
+
+    async def read(self) -> None:
+        while True:
+            try:
+                text = await self.ws.get_message()
+            except ConnectionClosed:
+                if self.closing:
+                    return
+                raise
+            assert isinstance(text, str)
+            if '"event":"chat"' not in text:
+                if text.startswith('{"type":"res"'):
+                    self._dispatch(json.loads(text), time.monotonic())
+                continue
+            payload = json.loads(text)["payload"]
+            run_id, state = payload["runId"], payload["state"]
+            if state == "delta":
+                self.deltas += 1
+                if "message" in payload:
+                    self.texts[run_id] = [_text_of(payload["message"])]
+                else:
+                    self.texts.setdefault(run_id, []).append(payload["deltaText"])
+            elif state == "final" and run_id.startswith("load-"):
+                self.finals[run_id] = _text_of(payload["message"])
+                if len(self.finals) >= self.expected:
+                    self.finished.set()
+
+    def exact(self) -> int:
+        """Runs whose text rebuilt from deltas equals their final text."""
+        return sum("".join(self.texts.get(r, ())) == t for r, t in self.finals.items())
+
+
+@attrs.frozen
+class LoadResult:
+    sessions: int
+    operator: bool
+    stop: Summary
+    cpu_share: float  # the gateway's CPU time over wall time during the trials
+    operator_deltas_per_second: float  # 0 without an operator
+    exact: str  # "exact/finished of sessions", or "" without an operator
+    finished_in: float  # seconds for the background replies to end (0: not waited for)
+
+
+async def _start_background(gateway: GatewayProcess, sessions: int, words: int) -> None:
+    """Start the background runs from a connection that then leaves (runs go on): nobody
+    but an operator connection receives their events."""
+    message = f"Keep talking.\n#sim words={words} rate={LOAD_RATE:g}"
+    async with open_client(gateway.port) as launcher:
+        await launcher.call("sessions.messages.subscribe", {"key": "launcher"})
+        begin = trio.current_time()
+        for index in range(sessions):
+            await trio.sleep_until(begin + index / (LOAD_RATE * sessions))
+            name = f"load-{index}"
+            params = {"sessionKey": name, "message": message, "idempotencyKey": name}
+            await launcher.call("chat.send", params)
+
+
+async def measure_load(sessions: int, operator: bool, trials: int, words: int) -> LoadResult:
+    message = PROVIDERS["streaming"]
+    async with sim_process() as sim_url, gateway_process(sim_url) as gateway:
+        async with contextlib.AsyncExitStack() as stack:
+            reader: Operator | None = None
+            if operator:
+                reader = await stack.enter_async_context(
+                    open_client(gateway.port, make=lambda ws: Operator(ws, expected=sessions))
+                )
+            launched = time.monotonic()
+            with trio.fail_after(120 + sessions / 10):
+                await _start_background(gateway, sessions, words)
+            await trio.sleep(LOAD_SETTLE)
+            client = await stack.enter_async_context(open_client(gateway.port))
+            await client.call("sessions.messages.subscribe", {"key": "trial-home"})
+            for index in range(WARMUP):
+                await trial(client, f"warmup-load-{index}", message)
+            cpu, began = gateway.cpu_seconds(), time.monotonic()
+            deltas = reader.deltas if reader is not None else 0
+            stops = [(await trial(client, f"load-trial-{i}", message))[0] for i in range(trials)]
+            elapsed = time.monotonic() - began
+            cpu_share = (gateway.cpu_seconds() - cpu) / elapsed
+            if reader is None:
+                return LoadResult(sessions, False, Summary.of(stops), cpu_share, 0.0, "", 0.0)
+            rate = (reader.deltas - deltas) / elapsed
+            with trio.move_on_after(words / LOAD_RATE * 3 + 60):
+                await reader.finished.wait()
+            finished_in = time.monotonic() - launched
+            exact = f"{reader.exact()}/{len(reader.finals)} of {sessions}"
+            return LoadResult(
+                sessions, True, Summary.of(stops), cpu_share, rate, exact, finished_in
+            )
+
+
+def _load_part(results: list[LoadResult], words: int) -> Part:
+    rows = tuple(
+        (
+            str(r.sessions),
+            "subscribed client; an operator reads all" if r.operator else "subscribed client",
+            str(r.stop.trials),
+            ms(r.stop.median),
+            ms(r.stop.p99),
+            ms(r.stop.max),
+            f"{r.sessions * LOAD_RATE:.0f}",
+            f"{r.cpu_share * 100:.0f} %",
+            f"{r.operator_deltas_per_second:.0f}" if r.operator else "",
+            r.exact,
+            f"{r.finished_in:.0f}" if r.operator else "",
+        )
+        for r in results
+    )
+    plot = Plot(
+        "sessions streaming (s: subscribed client only; o: an operator reads all too)",
+        "stop ms",
+        tuple(
+            Series(
+                stat,
+                tuple(f"{r.sessions}{'o' if r.operator else 's'}" for r in results),
+                tuple(getattr(r.stop, stat) for r in results),
+            )
+            for stat in ("median", "p99")
+        ),
+        kind="bar",
+        log_y=True,
+    )
+    notes = (
+        f"Each of the other sessions streams a {words}-word reply at {LOAD_RATE:g} words/s "
+        "(the simulated provider in its own process, the gateway in another). The measuring "
+        "client subscribed to one session (`sessions.messages.subscribe`), so it receives "
+        "only its own runs' events; each trial is a reply streaming 200 words/s in a new "
+        "session, stopped 50 ms after its start. Where an operator connection (one that "
+        "never subscribes) is there too, it reads every session's events, rebuilds each "
+        "reply from `deltaText` alone, and is checked against the `final` message; its "
+        "deltas/s are those it received during the trials, and the last column is when the "
+        f"background replies had all ended (nominal {words / LOAD_RATE:.0f} s)."
+    )
+    return Part(
+        "load",
+        "Stop under load: long replies, a subscribed client, an operator reading everything",
+        (
+            "sessions streaming",
+            "who reads",
+            "trials",
+            "median ms",
+            "p99 ms",
+            "max ms",
+            "offered deltas/s",
+            "gateway CPU",
+            "operator deltas/s",
+            "operator's exact texts",
+            "replies ended after s",
+        ),
+        rows,
+        notes,
+        plot,
+    )
+
+
 def _verdict(results: list[Result], others: int, target: float) -> str:
     found = [r for r in results if r.others == others]
     if not found:
@@ -142,6 +321,13 @@ def _verdict(results: list[Result], others: int, target: float) -> str:
 async def run(quick: bool) -> Section:
     plan = {0: 10, 10: 10} if quick else {1: 200, 10: 200, 100: 200, 1000: 200}
     results = [r for others, trials in plan.items() for r in await measure(others, trials)]
+    load_plan = (
+        [(10, False), (10, True)]
+        if quick
+        else [(200, False), (200, True), (500, False), (1000, False), (1000, True)]
+    )
+    words, load_trials = (40, 5) if quick else (LOAD_WORDS, 200)
+    load = [await measure_load(n, op, load_trials, words) for n, op in load_plan]
     rows = tuple(
         (
             str(r.others),
@@ -215,4 +401,5 @@ async def run(quick: bool) -> Section:
         rows,
         notes,
         plot,
+        (_load_part(load, words),),
     )
