@@ -195,14 +195,17 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Event:
-        while not (self._urgent or self._buffer):
-            if self.overflowed:
-                raise SubscriptionOverflow(self._max_bytes)
-            if self._closed:
-                raise StopAsyncIteration
-            await self._lot.park()
-        await trio.lowlevel.checkpoint()
-        return self._take()
+        while True:
+            while not (self._urgent or self._buffer):
+                if self.overflowed:
+                    raise SubscriptionOverflow(self._max_bytes)
+                if self._closed:
+                    raise StopAsyncIteration
+                await self._lot.park()
+            await trio.lowlevel.checkpoint()
+            # what was buffered may have gone meanwhile (unfollow_session, receive_nowait)
+            if self._urgent or self._buffer:
+                return self._take()
 
     def receive_nowait(self) -> Event | None:
         """The next buffered event, or None when there is none."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from runtime import (
     RunFinished,
@@ -244,3 +245,31 @@ def test_a_terminal_event_goes_first_after_merged_deltas_of_its_run() -> None:
     firsts_of_b = [i for i, e in enumerate(buffered) if e.run_id == "b"]
     assert ends[0] < firsts_of_b[0]  # a's end overtook b's waiting deltas
     assert "".join(e.text for e in buffered if e.run_id == "b") == "b " * 100
+
+
+async def test_an_iteration_survives_its_waiting_events_being_dropped_meanwhile(
+    monkeypatch,
+) -> None:
+    """Found by the load benchmark: a connection that subscribed (dropping the other
+    sessions' waiting events) while its sender was between the wait and the take."""
+    bus = EventBus()
+    with bus.subscribe() as events:
+        bus.publish(delta("r2", 0, "other session", session="b"))
+        checkpoint = trio.lowlevel.checkpoint
+
+        async def narrowed_meanwhile() -> None:
+            events.follow_session("a")  # drops b's waiting event
+            await checkpoint()
+
+        monkeypatch.setattr(trio.lowlevel, "checkpoint", narrowed_meanwhile)
+        got = []
+        async with trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                got.append(await events.__anext__())
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()  # parked again: nothing buffered
+            monkeypatch.setattr(trio.lowlevel, "checkpoint", checkpoint)
+            bus.publish(delta("r1", 0, "mine", session="a"))
+    assert [e.text for e in got] == ["mine"]
