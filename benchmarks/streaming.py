@@ -35,6 +35,18 @@ HEADERS: Final = (
 )
 BATCH: Final = 100  # deltas per write in the throughput runs
 FANOUT_RATE: Final = 100.0  # words/s of the reply many clients follow
+# What limits the fan-out's tail, as measured on 2026-12-04 (rewrite it with a new run).
+FANOUT_LIMITS: Final = (
+    " What limits it, measured: frames, not bytes. Each delta is two frames (`chat` and "
+    "`agent`) to each of 100 connections, 200 WebSocket writes of one socket send each; "
+    "the 100-client throughput row gives about 39 µs of gateway CPU per frame (0.5 CPU-s "
+    "per 1,000 deltas at 64 frames per client), so 100 words/s to 100 clients asks about "
+    "0.8 of a core of the gateway, while the other core ran the 100 clients' JSON parsing "
+    "in this process and other engineers' tests (load average 3.1 at the end). The gateway "
+    "falls behind, the clients' deltas merge (every client still got every word) and the "
+    "latency grows to the tail shown. Fewer writes per frame (a connection's waiting "
+    "frames in one socket send) is the next thing to measure."
+)
 BOUND: Final = 300.0  # seconds for one measurement; longer is a hang
 
 
@@ -307,6 +319,7 @@ async def run(quick: bool) -> Section:
         "this one process, which also parses their frames: its own lag counts in). "
         f"Target: every client gets every word, p99 ≤ 50 ms; now p99 {ms(fan.added.p99)} "
         f"ms, {fan.complete}/{fan.clients} complete, {fan_met}."
+        + (FANOUT_LIMITS if not quick else "")
     )
     plot = Plot(
         "connected clients",
