@@ -173,6 +173,9 @@ class _Chat:
             "idempotencyKey": self.run_id,
         }
         self.client = client
+        # only this session's events (and our own run's) reach us; the answer is skipped
+        # below, and an older gateway that lacks the method broadcasts instead
+        await client.send("sessions.messages.subscribe", {"key": self.session})
         send_id = await client.send("chat.send", params)
         printed = ""
         while True:

@@ -63,8 +63,10 @@ class Section:
     rows: tuple[tuple[str, ...], ...]
     notes: str = ""
     plot: Plot | None = None
+    # more tables after the first, each with its own plot (``bench-plots/NAME-KEY.png``)
+    parts: tuple[Part, ...] = ()
 
-    def markdown(self, plot_link: str | None = None) -> str:
+    def markdown(self, plot_link: str | None = None, part_links: Sequence[str] = ()) -> str:
         lines = [f"## {self.title}", ""]
         if self.notes:
             lines += [self.notes, ""]
@@ -73,7 +75,25 @@ class Section:
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
         if plot_link is not None:
             lines += ["", f"![{self.title}]({plot_link})"]
+        for part, link in zip(self.parts, part_links, strict=True):
+            lines += ["", f"### {part.title}", "", part.notes, ""]
+            lines.append("| " + " | ".join(part.columns) + " |")
+            lines.append("|" + "---|" * len(part.columns))
+            lines += ["| " + " | ".join(row) + " |" for row in part.rows]
+            lines += ["", f"![{part.title}]({link})"]
         return "\n".join(lines) + "\n"
+
+
+@attrs.frozen
+class Part:
+    """A further table of a section, with its own notes and plot."""
+
+    key: str  # names its plot file
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    notes: str
+    plot: Plot
 
 
 def ms(value: float) -> str:

@@ -17,7 +17,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import attrs
@@ -34,6 +34,19 @@ HEADERS: Final = (
     b"connection: close\r\n\r\n"
 )
 BATCH: Final = 100  # deltas per write in the throughput runs
+FANOUT_RATE: Final = 100.0  # words/s of the reply many clients follow
+# What limits the fan-out's tail, as measured on 2026-12-04 (rewrite it with a new run).
+FANOUT_LIMITS: Final = (
+    " What limits it, measured: frames, not bytes. Each delta is two frames (`chat` and "
+    "`agent`) to each of 100 connections, 200 WebSocket writes of one socket send each; "
+    "the 100-client throughput row gives about 39 µs of gateway CPU per frame (0.5 CPU-s "
+    "per 1,000 deltas at 64 frames per client), so 100 words/s to 100 clients asks about "
+    "0.8 of a core of the gateway, while the other core ran the 100 clients' JSON parsing "
+    "in this process and other engineers' tests (load average 3.1 at the end). The gateway "
+    "falls behind, the clients' deltas merge (every client still got every word) and the "
+    "latency grows to the tail shown. Fewer writes per frame (a connection's waiting "
+    "frames in one socket send) is the next thing to measure."
+)
 BOUND: Final = 300.0  # seconds for one measurement; longer is a hang
 
 
@@ -158,6 +171,65 @@ async def throughput(
     return Throughput(clients, deltas, deltas / (ended - began), cpu / deltas * 1000, frames)
 
 
+@attrs.frozen
+class Fanout:
+    clients: int
+    words: int
+    rate: float
+    added: Summary  # ms from the provider's write of a word to each client's read of it
+    complete: int  # clients that got every word, in order, from deltaText alone
+    frames_per_client: float
+
+
+async def fanout(
+    gateway: GatewayProcess,
+    replies: trio.MemoryReceiveChannel[Reply],
+    clients: int,
+    words: int,
+    rate: float,
+) -> Fanout:
+    """``clients`` connections subscribed to one session follow one reply written at
+    ``rate`` words/s; each word's latency is stamped at every client."""
+    run_id, session = f"fanout-{clients}", f"fanout-{clients}"
+    sent: dict[str, float] = {}
+    samples: list[float] = []
+    texts: list[list[str]] = [[] for _ in range(clients)]
+    frames = [0] * clients
+
+    def on_delta(index: int) -> Callable[[dict[str, Any], float], None]:
+        def seen(payload: dict[str, Any], now: float) -> None:
+            frames[index] += 1
+            texts[index].append(payload["deltaText"])
+            for word in payload["deltaText"].split():  # several, if merged
+                samples.append((now - sent[word]) * 1000)
+
+        return seen
+
+    async with contextlib.AsyncExitStack() as stack:
+        connected = [
+            await stack.enter_async_context(open_client(gateway.port)) for _ in range(clients)
+        ]
+        for index, client in enumerate(connected):
+            await client.call("sessions.messages.subscribe", {"key": session})
+            client.watched.add(run_id)
+            client.on_delta = on_delta(index)
+        params = {"sessionKey": session, "message": "Go.", "idempotencyKey": run_id}
+        await connected[0].call("chat.send", params)
+        reply = await replies.receive()
+        begin = trio.current_time()
+        for index in range(words):
+            await trio.sleep_until(begin + index / rate)
+            word = f"w{index}"
+            sent[word] = time.monotonic()
+            await reply.send([word + " "])
+        await reply.finish(words)
+        for client in connected:
+            await client.wait((run_id, "final"))
+    expected = "".join(f"w{index} " for index in range(words))
+    complete = sum("".join(text) == expected for text in texts)
+    return Fanout(clients, words, rate, Summary.of(samples), complete, sum(frames) / clients)
+
+
 async def run(quick: bool) -> Section:
     samples, deltas, crowd = (50, 50, 10) if quick else (2000, 500, 100)
     async with provider() as (url, replies), gateway_process(url) as gateway:
@@ -165,6 +237,7 @@ async def run(quick: bool) -> Section:
             async with open_client(gateway.port) as client:
                 added = await latency(client, replies, samples)
             bursts = [await throughput(gateway, replies, n, deltas) for n in (1, crowd)]
+            fan = await fanout(gateway, replies, crowd, 50 if quick else 1000, FANOUT_RATE)
     rows = [
         (
             "added latency per delta, provider → WebSocket client, ms",
@@ -202,7 +275,29 @@ async def run(quick: bool) -> Section:
                 str(burst.deltas),
             ),
         ]
+    rows.append(
+        (
+            f"added latency per word, {fan.clients} subscribed clients following one reply "
+            f"at {fan.rate:g} words/s, ms",
+            str(fan.clients),
+            ms(fan.added.median),
+            ms(fan.added.p99),
+            ms(fan.added.max),
+            str(fan.words),
+        )
+    )
+    rows.append(
+        (
+            "clients that got every word from deltaText alone",
+            str(fan.clients),
+            f"{fan.complete}/{fan.clients}",
+            "",
+            "",
+            str(fan.words),
+        )
+    )
     met = "met" if added.median < 1 else "MISSED"
+    fan_met = "met" if fan.added.p99 <= 50 and fan.complete == fan.clients else "MISSED"
     notes = (
         "The gateway (Runtime on the OpenAI-compatible adapter, MemoryStore) runs in its "
         "own process; this one plays the provider, writing chat completion chunks on a "
@@ -211,11 +306,20 @@ async def run(quick: bool) -> Section:
         "client has the previous one; it includes both loopback hops. Throughput: the "
         f"provider writes a {deltas}-word reply as fast as the gateway reads it "
         f"({BATCH} deltas a write) and every connected client reads it to its `final` "
-        "event; the gateway sends every connection every run's events, and each delta frame "
-        "carries the whole text so far (OpenClaw's format), so frames grow with the reply. "
+        "event; these clients never subscribe, so each gets every run's events (the "
+        "operator broadcast); a delta frame carries only the new text (the text so far on "
+        "the first delta a connection sees of a run), and each event is encoded once for "
+        "all of them. "
         "A client that falls behind gets its pending deltas merged into one (the bus's "
         "policy), hence fewer frames than deltas. CPU is the gateway process's user+system "
-        f"time. Target: under 1 ms median added per delta; now {ms(added.median)} ms, {met}."
+        f"time. Target: under 1 ms median added per delta; now {ms(added.median)} ms, {met}. "
+        f"Fan-out: {fan.clients} clients, each subscribed to the reply's session "
+        "(`sessions.messages.subscribe`), follow one reply the provider writes at "
+        f"{fan.rate:g} words/s; every word's latency is stamped at every client (all in "
+        "this one process, which also parses their frames: its own lag counts in). "
+        f"Target: every client gets every word, p99 ≤ 50 ms; now p99 {ms(fan.added.p99)} "
+        f"ms, {fan.complete}/{fan.clients} complete, {fan_met}."
+        + (FANOUT_LIMITS if not quick else "")
     )
     plot = Plot(
         "connected clients",

@@ -406,13 +406,20 @@ class Runtime:
         return AbortResult(bool(aborted), aborted, refused)
 
     def subscribe(
-        self, session_key: str | None = None, *, max_bytes: int | None = None
+        self,
+        session_key: str | None = None,
+        *,
+        max_bytes: int | None = None,
+        capacity: int | None = None,
     ) -> Subscription:
         """Events of one session (or all when None): ``with rt.subscribe(key) as events:``
         then ``async for event in events``. A subscriber more than ``max_bytes`` behind
-        (default ``subscriber_max_bytes``) is dropped: see ``_bus`` for the rule."""
+        (default ``subscriber_max_bytes``) is dropped; past ``capacity`` buffered events
+        (default ``subscriber_capacity``) its deltas merge: see ``_bus`` for the rules.
+        ``Subscription.follow_session`` and ``follow_run`` change what it follows."""
         bound = self.subscriber_max_bytes if max_bytes is None else max_bytes
-        return self._bus.subscribe(session_key, self.subscriber_capacity, bound)
+        merge_after = self.subscriber_capacity if capacity is None else capacity
+        return self._bus.subscribe(session_key, merge_after, bound)
 
     def get_run(self, run_id: str) -> Run | None:
         """The live or queued run with this id, if any."""

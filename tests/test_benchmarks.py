@@ -56,7 +56,14 @@ def test_quick_benchmarks_write_a_report(tmp_path: Path) -> None:
         row = next(line for line in text.splitlines() if line.startswith(f"| {adapter} |"))
         assert row.endswith("| 10 |")  # every trial completed
 
-    stops = _rows(sections["gateway_stop"])
+    main, load_part = sections["gateway_stop"].split("\n### ", 1)
+    assert "](bench-plots/gateway_stop-load.png)" in load_part
+    assert (tmp_path / "bench-plots" / "gateway_stop-load.png").stat().st_size > 0
+    load = _rows(load_part)
+    assert _row(load, "10", "subscribed client")[2] == "5"  # every trial completed
+    operator = _row(load, "10", "subscribed client; an operator reads all")
+    assert operator[2] == "5" and operator[9] == "10/10 of 10"  # every text exact
+    stops = _rows(main)
     assert len(stops) == 4
     for others in ("0", "10"):
         for provider in ("silent", "streaming"):
@@ -82,6 +89,7 @@ def test_quick_benchmarks_write_a_report(tmp_path: Path) -> None:
 
     streaming = _rows(sections["streaming"])
     assert _row(streaming, "added latency per delta, provider → WebSocket client, ms")[-1] == "50"
+    assert _row(streaming, "clients that got every word from deltaText alone", "10")[2] == "10/10"
     for clients in ("1", "10"):
         assert float(_row(streaming, "deltas per second through the gateway", clients)[2]) > 0
         # CPU time is counted in clock ticks (10 ms): a quick run can honestly read 0.
@@ -112,3 +120,16 @@ def test_quick_benchmarks_write_a_report(tmp_path: Path) -> None:
         k: v for k, v in sections.items() if k != "stop_commit"
     }
     assert len(_rows(again["stop_commit"])) == 6
+
+
+def test_a_quick_run_never_writes_the_committed_report() -> None:
+    from benchmarks.__main__ import QUICK_REPORT, REPORT, report_path
+
+    assert report_path(quick=True, report=None) == QUICK_REPORT != REPORT
+    assert QUICK_REPORT.parent.name == "bench-quick"  # plots go beside it, in bench-quick/
+    assert report_path(quick=False, report=None) == REPORT
+    assert report_path(quick=True, report=Path("x.md")) == Path("x.md")  # --report decides
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(QUICK_REPORT)], cwd=REPORT.parent, check=False
+    )
+    assert ignored.returncode == 0  # never committed by accident

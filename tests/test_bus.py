@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from runtime import (
     RunFinished,
@@ -21,7 +22,7 @@ from runtime import (
     text_turn,
     tool_turn,
 )
-from runtime._bus import EVENT_OVERHEAD, EventBus
+from runtime._bus import EVENT_OVERHEAD, EventBus, Subscription
 from tests.helpers import drain
 
 
@@ -159,3 +160,132 @@ async def test_a_subscription_past_its_byte_bound_overflows_after_a_whole_prefix
         assert kept[:2] == [started[0], ended] and kept[2:] == started[1 : len(kept) - 1]
         assert 10 < len(kept) < 100
         await stalled.wait_overflowed()
+
+
+# -- routing by session and run ------------------------------------------------------------
+
+
+def finished(run: str, seq: int, session: str = "s") -> RunFinished:
+    return RunFinished(
+        run_id=run,
+        session_key=session,
+        seq=seq,
+        stop_reason="end_turn",
+        message=None,
+        usage=Usage(),
+    )
+
+
+def test_a_publish_touches_only_the_followers_of_its_session_and_run(monkeypatch) -> None:
+    pushed: list[Subscription] = []
+    push = Subscription._push
+    monkeypatch.setattr(
+        Subscription, "_push", lambda self, e, size: (pushed.append(self), push(self, e, size))
+    )
+    bus = EventBus()
+    others = [bus.subscribe(f"other{i}") for i in range(1000)]
+    with bus.subscribe("a") as a, bus.subscribe() as everything, bus.subscribe("b") as b:
+        b.follow_run("r1")  # a run of session a that b follows (say, b started it)
+        bus.publish(delta("r1", 0, "x", session="a"))
+        assert sorted(map(id, pushed)) == sorted(map(id, [a, everything, b]))
+        pushed.clear()
+        bus.publish(delta("r2", 0, "y", session="a"))  # b does not follow r2
+        assert sorted(map(id, pushed)) == sorted(map(id, [a, everything]))
+        pushed.clear()
+        a.follow_run("r1")  # a follows both r1 and its session: still one copy
+        bus.publish(finished("r1", 1, session="a"))
+        assert sorted(map(id, pushed)) == sorted(map(id, [a, everything, b]))
+        # r1's end went ahead of r2's waiting delta (stops first), behind r1's own delta
+        assert [(e.run_id, e.seq) for e in drain(a)] == [("r1", 0), ("r1", 1), ("r2", 0)]
+        assert [type(e).__name__ for e in drain(b)] == ["TextDelta", "RunFinished"]
+        assert b.runs == frozenset()  # a run is followed until its terminal event
+        pushed.clear()
+        bus.publish(delta("r1", 2, "late", session="a"))  # no such thing, but: routed by session
+        assert b not in pushed
+    for other in others:
+        assert drain(other) == []
+        other.close()
+    assert len(bus) == 0 and not bus._by_session and not bus._by_run and not bus._everything
+
+
+def test_following_a_session_narrows_and_unfollowing_drops_what_waits() -> None:
+    bus = EventBus()
+    with bus.subscribe() as events:
+        assert events.follows_everything
+        bus.publish(delta("r1", 0, "a0", session="a"))
+        bus.publish(delta("r2", 0, "b0", session="b"))
+        bus.publish(delta("r3", 0, "c0", session="c"))
+        events.follow_run("r3")
+        events.follow_session("a")  # narrowed: b's waiting event is dropped, c's r3 kept
+        assert not events.follows_everything and events.sessions == {"a"}
+        bus.publish(delta("r2", 1, "b1", session="b"))
+        bus.publish(delta("r1", 1, "a1", session="a"))
+        assert [e.text for e in drain(events)] == ["a0", "c0", "a1"]
+        bus.publish(delta("r1", 2, "a2", session="a"))
+        bus.publish(delta("r3", 1, "c1", session="c"))
+        events.unfollow_session("a")  # a's waiting event goes; the followed run stays
+        bus.publish(delta("r1", 3, "a3", session="a"))
+        assert [e.text for e in drain(events)] == ["c1"]
+
+
+# -- stops first ------------------------------------------------------------------------------
+
+
+def test_a_terminal_event_overtakes_other_runs_waiting_events_but_never_its_own() -> None:
+    bus = EventBus()
+    with bus.subscribe("s") as events:
+        bus.publish(delta("a", 0, "a0 "))
+        for i in range(5):
+            bus.publish(delta("b", i, f"b{i} "))
+        bus.publish(delta("a", 1, "a1 "))
+        bus.publish(delta("b", 5, "b5 "))
+        bus.publish(finished("a", 2))  # a's own events first, in order, then its end
+        bus.publish(delta("b", 6, "b6 "))
+        order = [(e.run_id, e.seq) for e in drain(events)]
+    assert order == [("a", 0), ("a", 1), ("a", 2)] + [("b", i) for i in range(7)]
+
+
+def test_a_terminal_event_goes_first_after_merged_deltas_of_its_run() -> None:
+    bus = EventBus()
+    with bus.subscribe("s", capacity=4) as events:
+        for i in range(100):  # merged: the buffer holds 4 entries
+            bus.publish(delta("b", i, "b "))
+            bus.publish(delta("a", i, "a "))
+        bus.publish(finished("a", 100))
+        buffered = drain(events)
+    assert isinstance(buffered[0], TextDelta) and buffered[0].run_id == "a"
+    assert "".join(e.text for e in buffered if e.run_id == "a" and isinstance(e, TextDelta)) == (
+        "a " * 100
+    )
+    ends = [i for i, e in enumerate(buffered) if isinstance(e, RunFinished)]
+    firsts_of_b = [i for i, e in enumerate(buffered) if e.run_id == "b"]
+    assert ends[0] < firsts_of_b[0]  # a's end overtook b's waiting deltas
+    assert "".join(e.text for e in buffered if e.run_id == "b") == "b " * 100
+
+
+async def test_an_iteration_survives_its_waiting_events_being_dropped_meanwhile(
+    monkeypatch,
+) -> None:
+    """Found by the load benchmark: a connection that subscribed (dropping the other
+    sessions' waiting events) while its sender was between the wait and the take."""
+    bus = EventBus()
+    with bus.subscribe() as events:
+        bus.publish(delta("r2", 0, "other session", session="b"))
+        checkpoint = trio.lowlevel.checkpoint
+
+        async def narrowed_meanwhile() -> None:
+            events.follow_session("a")  # drops b's waiting event
+            await checkpoint()
+
+        monkeypatch.setattr(trio.lowlevel, "checkpoint", narrowed_meanwhile)
+        got = []
+        async with trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                got.append(await events.__anext__())
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()  # parked again: nothing buffered
+            monkeypatch.setattr(trio.lowlevel, "checkpoint", checkpoint)
+            bus.publish(delta("r1", 0, "mine", session="a"))
+    assert [e.text for e in got] == ["mine"]

@@ -47,7 +47,9 @@ async def test_handshake_then_a_reply_streams_to_its_final(stack) -> None:
                 if f["payload"]["state"] == "delta"
             ]
             assert "".join(d["deltaText"] for d in deltas) == text
-            assert deltas[-1]["message"]["content"][0]["text"] == text
+            # only the first delta carries the message so far: frames are O(new text)
+            assert deltas[0]["message"]["content"][0]["text"] == deltas[0]["deltaText"]
+            assert all("message" not in d for d in deltas[1:])
             seqs = [d["seq"] for d in deltas]  # the run's own seq: rising, shared by streams
             assert seqs == sorted(set(seqs)) and seqs[0] > 0
             history = await client.ok("chat.history", {"sessionKey": "s"})
@@ -477,6 +479,26 @@ async def test_the_official_client_resumes_a_live_run_and_finishes_it(stack) -> 
     stored = steps["chat.history.after"]["messages"][-1]
     assert rebuilt["text"] == stored["content"][0]["text"]
     assert len(rebuilt["text"].split()) == 120
+
+
+async def test_the_official_client_subscribed_rebuilds_the_reply_from_delta_text(stack) -> None:
+    gateway, port, _ = stack
+    message = "Go.\n#sim words=2000 rate=1000"
+    with trio.fail_after(60):
+        code, lines = await drive("send-final", port, "--subscribe", "--message", message)
+    assert code == 0, lines
+    steps = {line["name"]: line["result"] for line in lines if line["kind"] == "step"}
+    assert steps["sessions.messages.subscribe"] == {"subscribed": True, "key": "agent:main:main"}
+    frames = [line["frame"] for line in lines if line["kind"] == "event"]
+    check_frames(frames)
+    chat = [f["payload"] for f in frames if f["event"] == "chat"]
+    final = chat[-1]
+    assert final["state"] == "final"
+    text = final["message"]["content"][0]["text"]
+    assert len(text.split()) == 2000
+    assert "".join(p["deltaText"] for p in chat[:-1]) == text  # deltaText alone
+    assert all("message" not in p for p in chat[1:-1])
+    assert steps["chat.history"]["messages"][-1]["content"][0]["text"] == text
 
 
 async def test_the_official_client_stops_on_a_wrong_token(sim, nursery) -> None:

@@ -229,8 +229,17 @@ async def test_a_client_that_stays_behind_is_closed_with_1013_and_delays_no_stop
                 assert seen[-1]["payload"]["policy"]["maxBufferedBytes"] == max_bytes
                 conn_id = seen[-1]["payload"]["server"]["connId"]
                 (connection,) = [c for c in gateway.connections if c.conn_id == conn_id]
-                # enough frames to fill the socket buffers (each delta carries the text so far)
-                await other.ok("chat.send", send("long", "Go.\n#sim words=2500 rate=1000", "long"))
+                # enough frames to fill the socket buffers (deltas carry only the new text),
+                # and enough text that the deltas merged while it waits pass max_bytes
+                # started by a client that leaves: the runs go on, and only the stalled
+                # connection (which never subscribes) is sent their events
+                async with open_client(port) as filler:
+                    await filler.ok("sessions.messages.subscribe", {"key": "filler"})
+                    for n in range(1, 6):
+                        reply = "Go.\n#sim words=4000 rate=2000"
+                        await filler.ok("chat.send", send(f"long{n}", reply, f"long{n}"))
+                await other.ok("sessions.messages.subscribe", {"key": "mine"})  # and its runs
+                await other.ok("chat.send", send("long", "Go.\n#sim words=4000 rate=2000", "long"))
                 await other.wait_event(
                     lambda f: (
                         f["event"] == "chat"
@@ -263,7 +272,7 @@ async def test_a_client_that_stays_behind_is_closed_with_1013_and_delays_no_stop
             async with open_client(port) as back:
                 history = await back.ok("chat.history", {"sessionKey": "long"})
                 assert history["liveRuns"] == []
-                assert len(history["messages"][-1]["content"][0]["text"].split()) == 2500
+                assert len(history["messages"][-1]["content"][0]["text"].split()) == 4000
 
 
 # -- 3. a burst of 1,000 connections that leave: tests/test_faults.py --------------------

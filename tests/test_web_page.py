@@ -520,6 +520,32 @@ def test_stop_after_a_reload_keeps_exactly_the_partial_shown(server: Served, pag
     assert 10 <= len(stored[0].split()) < 400
 
 
+def test_the_page_follows_only_its_session_and_builds_replies_from_new_text(
+    server: Served, page: Page
+) -> None:
+    frames: list[dict] = []
+    page.on(
+        "websocket",
+        lambda ws: ws.on("framereceived", lambda payload: frames.append(json.loads(payload))),
+    )
+    open_session(page, server.url, "web-mine")
+    other = page.context.new_page()
+    open_session(other, server.url, "web-other")
+    send(other, "Elsewhere.\n#sim words=300 rate=100")
+    send(page, "Mine.\n#sim words=300 rate=100")
+    mid = wait_for_words(replies(page).last, 60)
+    wait_for_words(replies(other).last, 60)
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible(timeout=30_000)
+    final = reply_text(replies(page).last)
+    assert len(final.split()) == 300 and final.startswith(mid.strip())
+    events = [f["payload"] for f in frames if f.get("event") in ("chat", "agent")]
+    keys = {p.get("sessionKey", p.get("data", {}).get("sessionKey")) for p in events}
+    assert keys == {"web-mine"}  # nothing of web-other reached this page's connection
+    chat = [p for p in events if "state" in p and p["state"] == "delta"]
+    assert len(chat) > 100 and all("message" not in p for p in chat[1:])
+    other.close()
+
+
 def test_the_page_reconnects_after_a_gateway_restart(tmp_path: Path, page: Page) -> None:
     first = Served(tmp_path)
     try:

@@ -6,6 +6,14 @@ delays nobody but itself), the ticker and the lag watch. Every frame goes out th
 ``_write``, under one lock (events are numbered under it, so ``seq`` on the wire is
 gap-free and in order).
 
+Which events a connection gets: every session's (the operator broadcast) until it calls
+``sessions.messages.subscribe``; from then on only those of the sessions it subscribed
+to, plus the runs it started itself. Each event is encoded once for every connection
+(``FrameCache``); the connection numbers the frames and picks each delta's form (see
+``_translate``). When more than ``Gateway.coalesce_after`` events wait for it, each run's
+deltas merge into the one already waiting; a run's terminal event goes out before other
+runs' waiting events (see ``runtime._bus``), and a stop's reply before all of them.
+
 A client that falls behind is closed with 1013 (try again later), after the frame being
 written: when the events waiting for it pass ``Gateway.max_buffered_bytes`` (hello-ok's
 ``maxBufferedBytes``), or when one frame has waited ``Gateway.send_timeout`` seconds to be
@@ -15,7 +23,6 @@ reads ``chat.history`` (its ``liveRuns`` too) and follows on.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import secrets
@@ -69,12 +76,13 @@ from ._protocol import (
     SessionsAbortParams,
     SessionsConfigureParams,
     SessionsListParams,
+    SessionsMessagesParams,
     Unreadable,
     invalid,
     parse_request,
     structure_params,
 )
-from ._translate import EventView, now_ms, visible
+from ._translate import EventView, dumps, now_ms, visible
 
 if TYPE_CHECKING:
     from ._server import Gateway
@@ -170,6 +178,7 @@ class Connection:
     _pending_sends: dict[str, tuple[Any, trio.Event]] = attrs.field(factory=dict)
     _requests: dict[str, _Pending] = attrs.field(factory=dict)  # read, not yet answered
     _events: Subscription | None = None
+    _view: EventView | None = None
     _sender_done: trio.Event = attrs.field(factory=trio.Event)
     # its deadline is the frame being written's (send_timeout after it began); inf when idle
     _write_deadline: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -321,12 +330,16 @@ class Connection:
     # -- after the handshake -----------------------------------------------------------
 
     async def _serve_requests(self) -> None:
-        runtime = self.gateway.runtime
-        view = EventView(tool_events=TOOL_EVENTS_CAP in self.caps)
-        with runtime.subscribe(max_bytes=self.gateway.max_buffered_bytes) as events:
+        gateway = self.gateway
+        runtime = gateway.runtime
+        view = EventView(tool_events=TOOL_EVENTS_CAP in self.caps, cache=gateway.frames)
+        with runtime.subscribe(
+            max_bytes=gateway.max_buffered_bytes, capacity=gateway.coalesce_after
+        ) as events:
             # no await since subscribing: they line up
             view.seed([r for r in runtime.live_runs() if self.principal.owns(r.session_key)])
             self._events = events
+            self._view = view
             queue, queued = trio.open_memory_channel[Request](QUEUED_REQUESTS)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_events, events, view)
@@ -398,7 +411,7 @@ class Connection:
                 if READ not in self.scopes or not self.principal.owns(event.session_key):
                     continue
                 for name, payload in view.frames(event):
-                    await self._event(name, payload)
+                    await self._event_raw(name, payload)
                 if isinstance(event, RunCancelled):
                     logger.info(
                         "aborted event sent conn=%s session=%s run=%s reason=%s committed_ms=%.2f",
@@ -529,6 +542,9 @@ class Connection:
                     f"{', '.join(QUEUE_MODES)}."
                 )
         run_id = params.idempotencyKey
+        events = self._events
+        assert events is not None  # methods are served after the handshake
+        events.follow_run(run_id)  # before it starts: its first event is already ours
         thinking = params.thinking is not None and params.thinking.lower() not in (
             "",
             "off",
@@ -546,7 +562,11 @@ class Connection:
                 allow_cancel=allow_cancel,
             )
         except RunExists as exists:  # the idempotency key was used: never a second run
+            events.unfollow_run(run_id)  # started elsewhere: followed by session, if at all
             return {"runId": run_id, "status": "in_flight" if exists.live else "ok"}
+        except BaseException:
+            events.unfollow_run(run_id)
+            raise
         if ABORT_ON_DISCONNECT_CAP in self.caps:
             self._started_runs.add(run_id)
         return {"runId": run_id, "status": "started"}
@@ -640,6 +660,44 @@ class Connection:
             "settings": {"stopPolicy": settings.stop_policy, "concurrency": settings.concurrency},
         }
 
+    async def _messages_subscribe(self, raw: Any) -> dict[str, Any]:
+        params = structure_params(raw, SessionsMessagesParams)
+        self._own(key=params.key)
+        events, view = self._events, self._view
+        assert events is not None and view is not None
+        # No await from here on: the text so far and the events after it line up.
+        followed = events.follows_everything or params.key in events.sessions
+        events.follow_session(params.key)
+        live = self.gateway.runtime.live_runs(params.key)
+        if not followed:  # followed anew: the next delta of each run carries its text so far
+            view.seed([r for r in live if r.run_id not in events.runs], refresh=True)
+        view.seed(live)
+        self._forget_unfollowed()
+        return {"subscribed": True, "key": params.key}
+
+    async def _messages_unsubscribe(self, raw: Any) -> dict[str, Any]:
+        params = structure_params(raw, SessionsMessagesParams)
+        self._own(key=params.key)
+        assert self._events is not None
+        self._events.unfollow_session(params.key)
+        self._forget_unfollowed()
+        return {"subscribed": False, "key": params.key}
+
+    def _forget_unfollowed(self) -> None:
+        """Drop the view's runs that ended while this connection did not follow them (a
+        followed run's view ends with its terminal event; an unfollowed live run keeps its
+        per-run seq, should the connection follow it again)."""
+        events, view, runtime = self._events, self._view, self.gateway.runtime
+        assert events is not None and view is not None
+        view.forget(
+            lambda run_id, key: (
+                events.follows_everything
+                or key in events.sessions
+                or run_id in events.runs
+                or runtime.get_run(run_id) is not None
+            )
+        )
+
     async def _sessions_list(self, raw: Any) -> dict[str, Any]:
         params = structure_params(raw, SessionsListParams)
         if not 1 <= params.limit <= 1000:
@@ -707,16 +765,25 @@ class Connection:
             await self._write(frame)
 
     async def _event(self, name: str, payload: dict[str, Any]) -> None:
+        await self._event_raw(name, dumps(payload))
+
+    async def _event_raw(self, name: str, payload: str) -> None:
+        """Send an event whose payload is already JSON (encoded once for all connections)."""
         async with self._send_lock:  # numbered under the lock: wire order is seq order
-            frame = {"type": "event", "event": name, "payload": payload, "seq": self._seq}
+            seq = self._seq
             self._seq += 1
-            await self._write(frame)
+            await self._write_text(
+                f'{{"type":"event","event":"{name}","payload":{payload},"seq":{seq}}}'
+            )
 
     async def _write(self, frame: dict[str, Any]) -> None:
+        await self._write_text(dumps(frame))
+
+    async def _write_text(self, text: str) -> None:
         """Write one frame (the send lock held), watched by ``_watch_lag``."""
         self._write_deadline.deadline = trio.current_time() + self.gateway.send_timeout
         try:
-            await self.ws.send_message(json.dumps(frame, separators=(",", ":")))
+            await self.ws.send_message(text)
         finally:
             self._write_deadline.deadline = math.inf
 
@@ -789,6 +856,8 @@ _METHODS = {
     "sessions.abort": (WRITE, Connection._sessions_abort),
     "chat.history": (READ, Connection._chat_history),
     "sessions.list": (READ, Connection._sessions_list),
+    "sessions.messages.subscribe": (READ, Connection._messages_subscribe),
+    "sessions.messages.unsubscribe": (READ, Connection._messages_unsubscribe),
     "runtime.stats": (READ, Connection._stats),
     "runtime.sessions.configure": (WRITE, Connection._configure),
 }

@@ -29,6 +29,9 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 # written. The close frame follows the frame being written; if that cannot be written
 # within CLOSE_TIMEOUT more seconds, the TCP connection is dropped.
 SEND_TIMEOUT: Final = 10.0
+# A connection with more than this many events waiting cannot keep up: from then on each
+# run's deltas merge into its delta already waiting (no timer: nothing waits for a merge).
+COALESCE_AFTER: Final = 32
 CLOSE_TIMEOUT: Final = 5.0
 
 READ: Final = "operator.read"
@@ -213,6 +216,14 @@ class SessionsAbortParams:
     key: str | None = None
     runId: str | None = None
     clearQueued: bool = False
+
+
+@attrs.frozen
+class SessionsMessagesParams:
+    """``sessions.messages.subscribe`` / ``unsubscribe``: one session. OpenClaw's
+    ``agentId`` and ``includeApprovals`` are accepted and ignored (no agents, no approvals)."""
+
+    key: str
 
 
 @attrs.frozen

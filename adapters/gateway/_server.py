@@ -30,13 +30,14 @@ from runtime import Runtime
 from ._auth import FailureLimiter, check_tokens
 from ._connection import Connection
 from ._protocol import (
+    COALESCE_AFTER,
     GOING_AWAY,
     MAX_BUFFERED_BYTES,
     PRE_HANDSHAKE_MAX_BYTES,
     SEND_TIMEOUT,
     TICK_INTERVAL_MS,
 )
-from ._translate import FAILED_EVENT, STOPPED_EVENT
+from ._translate import FAILED_EVENT, STOPPED_EVENT, FrameCache
 
 logger = logging.getLogger("adapters.gateway")
 
@@ -88,6 +89,10 @@ class Gateway:
     # a connection further behind than either is closed with 1013 (see _connection)
     max_buffered_bytes: int = MAX_BUFFERED_BYTES
     send_timeout: float = SEND_TIMEOUT
+    # events waiting for a connection before its deltas merge (see _bus)
+    coalesce_after: int = COALESCE_AFTER
+    # each event encoded once for every connection (see _translate)
+    frames: FrameCache = attrs.field(factory=FrameCache, init=False)
     version: str = attrs.field(factory=_version)
     started_at: float = attrs.field(factory=time.monotonic)
     connections: set[Connection] = attrs.field(factory=set, init=False)

@@ -1,21 +1,24 @@
 """Runtime events and history, as OpenClaw ``chat`` / ``agent`` payloads.
 
-One ``EventView`` per connection turns the runtime's events into the frames that
-connection receives. It keeps each live run's text so far, because an OpenClaw ``delta``
-carries the whole message. The ``seq`` of a ``chat`` or ``agent`` frame is the runtime
-event's own per-run ``seq``, the same on every connection, so a client that read
-``chat.history``'s ``inFlightRun`` (text and the ``seq`` it reflects) applies exactly the
-frames with a higher one; a stream's ``seq`` rises with gaps where an event has no frame
-on it. What OpenClaw's schemas have no field for (the stop receipt, the policy, the
-restored prompt, timings) goes in the ``runtime.stopped`` extension event, sent right
-after the run's ``aborted`` chat event; a failure's own kind goes in ``runtime.failed``,
-right after its ``error`` chat event.
+Each event is encoded once (``FrameCache``) for every connection that receives it; one
+``EventView`` per connection picks the form of each delta. A delta frame carries only the
+new text (``deltaText``; ``data.delta`` on the ``agent`` stream), except the first delta a
+connection sees of a run, which also carries the text so far (``message``; ``data.text``),
+so a client can start from it and rebuild the rest from deltas alone. The ``seq`` of a
+``chat`` or ``agent`` frame is the runtime event's own per-run ``seq``, the same on every
+connection, so a client that read ``chat.history``'s ``inFlightRun`` (text and the ``seq``
+it reflects) applies exactly the frames with a higher one; a stream's ``seq`` rises with
+gaps where an event has no frame on it. What OpenClaw's schemas have no field for (the
+stop receipt, the policy, the restored prompt, timings) goes in the ``runtime.stopped``
+extension event, sent right after the run's ``aborted`` chat event; a failure's own kind
+goes in ``runtime.failed``, right after its ``error`` chat event.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, final
 
 import attrs
@@ -52,8 +55,6 @@ WIRE_STOP_REASONS: Final = {"stop-command": "stop"}
 # a run that finished because a budget of ours ran out (chat ``final`` stopReason
 # ``budget``; the budget's name stays in the agent lifecycle ``end`` event's data)
 BUDGET_STOP_REASONS: Final = frozenset({"max_turns", "max_tool_calls"})
-
-Frame = tuple[str, dict[str, Any]]  # (event name, payload)
 
 
 def _ms(seconds: float) -> int:
@@ -139,118 +140,248 @@ def wire_error_kind(kind: str) -> str:
     return kind if kind in OPENCLAW_ERROR_KINDS else "unknown"
 
 
+def dumps(value: Any) -> str:
+    """The gateway's JSON encoder (compact, ASCII; see BENCHMARKS.md for why stdlib)."""
+    return _encode(value)
+
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+@final
+class Part:
+    """One frame's payload, encoded once, split around its per-run ``seq``: the payload is
+    ``head + str(seq) + tail`` (``tail`` None: the payload has no per-run seq, ``head`` is
+    all of it). ``stream`` says which per-run counter numbers it: ``chat`` or ``agent``."""
+
+    __slots__ = ("head", "name", "stream", "tail")
+
+    def __init__(self, name: str, stream: str | None, head: str, tail: str | None) -> None:
+        self.name = name
+        self.stream = stream
+        self.head = head
+        self.tail = tail
+
+
+def _chat_part(run_id: str, session_key: str, fields: dict[str, Any]) -> Part:
+    head = f'{{"runId":{_encode(run_id)},"sessionKey":{_encode(session_key)},"seq":'
+    return Part("chat", "chat", head, "," + _encode(fields)[1:])
+
+
+def _agent_part(run_id: str, session_key: str, stream: str, data: Mapping[str, Any]) -> Part:
+    rest = {"stream": stream, "ts": now_ms(), "data": {"sessionKey": session_key, **data}}
+    return Part("agent", "agent", f'{{"runId":{_encode(run_id)},"seq":', "," + _encode(rest)[1:])
+
+
+@final
+class Encoded:
+    """The frames of one runtime event, encoded once for every connection that gets it.
+
+    A text or thinking delta has two forms: ``rest`` (only the new text, what a connection
+    gets once it has the run's text) and ``first`` (with the cumulative snapshot, for a
+    connection that saw the run from its start and meets its first delta now). A
+    connection that joined mid-run has its own first frame (``EventView``)."""
+
+    __slots__ = ("_first", "event", "rest", "tool")
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+        self._first: list[Part] | None = None
+        self.tool = isinstance(event, ToolCallStarted | ToolCallProgress | ToolCallFinished)
+        self.rest = _encode_event(event)
+
+    def first(self) -> list[Part]:
+        if self._first is None:
+            event = self.event
+            assert isinstance(event, TextDelta | ThinkingDelta)
+            self._first = _first_delta(event, event.text)
+        return self._first
+
+
+def _first_delta(event: TextDelta | ThinkingDelta, text_so_far: str) -> list[Part]:
+    """The first delta a connection sees of a run: with the text so far (``message`` on the
+    chat frame, ``data.text`` on the agent frame), so it can start from it."""
+    run_id, key, new = event.run_id, event.session_key, event.text
+    if isinstance(event, ThinkingDelta):
+        return [_agent_part(run_id, key, "thinking", {"text": text_so_far, "delta": new})]
+    return [
+        _chat_part(
+            run_id, key, {"state": "delta", "message": _assistant(text_so_far), "deltaText": new}
+        ),
+        _agent_part(run_id, key, "assistant", {"text": text_so_far, "delta": new}),
+    ]
+
+
+def _encode_event(event: Event) -> list[Part]:
+    run_id, key = event.run_id, event.session_key
+    if isinstance(event, TextDelta):
+        return [
+            _chat_part(run_id, key, {"state": "delta", "deltaText": event.text}),
+            _agent_part(run_id, key, "assistant", {"delta": event.text}),
+        ]
+    if isinstance(event, ThinkingDelta):
+        return [_agent_part(run_id, key, "thinking", {"delta": event.text})]
+    if isinstance(event, RunQueued):
+        return [_agent_part(run_id, key, "lifecycle", {"phase": "queued", "behind": event.behind})]
+    if isinstance(event, RunStarted):
+        return [_agent_part(run_id, key, "lifecycle", {"phase": "start"})]
+    if isinstance(event, StreamOptions):
+        data = {"phase": "options", "allowCancel": event.allow_cancel}
+        return [_agent_part(run_id, key, "lifecycle", data)]
+    if isinstance(event, ToolCallStarted | ToolCallProgress | ToolCallFinished):
+        tool: dict[str, Any] = {"name": event.name, "toolCallId": event.tool_call_id}
+        if isinstance(event, ToolCallStarted):
+            tool |= {"phase": "start", "arguments": dict(event.arguments)}
+        elif isinstance(event, ToolCallProgress):
+            tool |= {"phase": "progress", "progress": event.progress}
+            if event.total is not None:
+                tool["total"] = event.total
+            if event.message is not None:
+                tool["message"] = event.message
+        else:
+            tool |= {"phase": "result", "isError": event.is_error, "result": event.result}
+        return [_agent_part(run_id, key, "tool", tool)]
+    if isinstance(event, RunFinished):
+        reason = event.stop_reason
+        final: dict[str, Any] = {
+            "state": "final",
+            "stopReason": "budget" if reason in BUDGET_STOP_REASONS else reason,
+            "usage": wire_usage(event.usage),
+        }
+        if event.message is not None:
+            final["message"] = wire_message(event.message)
+        return [
+            _agent_part(run_id, key, "lifecycle", {"phase": "end", "stopReason": reason}),
+            _chat_part(run_id, key, final),
+        ]
+    if isinstance(event, RunCancelled):
+        aborted: dict[str, Any] = {"state": "aborted", "stopReason": wire_stop_reason(event.reason)}
+        if event.message is not None:
+            aborted["message"] = wire_message(event.message)
+        return [
+            _agent_part(run_id, key, "lifecycle", {"phase": "end", "aborted": True}),
+            _chat_part(run_id, key, aborted),
+            Part(STOPPED_EVENT, None, _encode(stopped_payload(event)), None),
+        ]
+    if isinstance(event, RunFailed):
+        error = {
+            "state": "error",
+            "errorMessage": event.error_message,
+            "errorKind": wire_error_kind(event.error_kind),
+            "errorDetail": {"providerErrorType": event.error_kind},
+        }
+        return [
+            _agent_part(
+                run_id, key, "lifecycle", {"phase": "error", "errorKind": event.error_kind}
+            ),
+            _chat_part(run_id, key, error),
+            Part(FAILED_EVENT, None, _encode(failed_payload(event)), None),
+        ]
+    raise TypeError(f"No frames for the event {type(event).__name__}.")
+
+
+@final
+@attrs.define(eq=False)
+class FrameCache:
+    """Each event's frames, encoded once for all the connections that receive it.
+
+    Keyed by the event object (the bus hands the same object to every subscriber; a delta
+    merged for a lagging connection is a new object, encoded for it alone). The entry pins
+    its event, so an id is never reused while cached; the oldest entries go past
+    ``size``, and an event read after that is encoded again."""
+
+    size: int = 4096
+    _entries: dict[int, Encoded] = attrs.field(factory=dict, init=False)
+    encoded: int = attrs.field(default=0, init=False)  # events encoded, for tests and stats
+
+    def get(self, event: Event) -> Encoded:
+        entry = self._entries.get(id(event))
+        if entry is not None and entry.event is event:
+            return entry
+        entry = self._entries[id(event)] = Encoded(event)
+        self.encoded += 1
+        if len(self._entries) > self.size:
+            del self._entries[next(iter(self._entries))]
+        return entry
+
+
 @attrs.define
 class _RunView:
     session_key: str
+    # the text (and thinking) so far, kept only until the connection got its first delta
     text: str = ""
     thinking: str = ""
-    seq: int = 0  # the runtime event being translated: every frame of it carries its seq
+    text_sent: bool = False
+    thinking_sent: bool = False
 
 
 @final
 @attrs.define(eq=False)
 class EventView:
-    """The frames one connection receives for the runtime's events."""
+    """The frames one connection receives for the runtime's events: shared encodings
+    (``FrameCache``) numbered with this connection's per-run ``seq``."""
 
     tool_events: bool = False
+    cache: FrameCache = attrs.field(factory=FrameCache)
     _runs: dict[str, _RunView] = attrs.field(factory=dict, init=False)
 
-    def seed(self, runs: list[Run]) -> None:
+    def seed(self, runs: list[Run], *, refresh: bool = False) -> None:
         """Start from the live runs' text so far (call when subscribing, with no await
-        between the two, so the snapshot and the events after it line up exactly)."""
+        between the two, so the snapshot and the events after it line up exactly). Runs
+        already in the view are left as they are, unless ``refresh``: then their next delta
+        carries the text so far again (for runs followed anew); their ``seq`` goes on."""
         for run in runs:
-            self._runs[run.run_id] = _RunView(run.session_key, text=run.text)
+            view = self._runs.get(run.run_id)
+            if view is None:
+                self._runs[run.run_id] = _RunView(run.session_key, text=run.text)
+            elif refresh:
+                view.text, view.text_sent = run.text, False
+                view.thinking, view.thinking_sent = "", False
 
-    def frames(self, event: Event) -> Iterator[Frame]:
-        view = self._runs.get(event.run_id)
+    def forget(self, keep: Callable[[str, str], bool]) -> None:
+        """Drop the runs for which ``keep(run_id, session_key)`` is false."""
+        for run_id, view in list(self._runs.items()):
+            if not keep(run_id, view.session_key):
+                del self._runs[run_id]
+
+    def __contains__(self, run_id: str) -> bool:
+        return run_id in self._runs
+
+    def frames(self, event: Event) -> Iterator[tuple[str, str]]:
+        """(event name, payload JSON) for each frame this connection gets for ``event``."""
+        run_id = event.run_id
+        view = self._runs.get(run_id)
         if view is None:
-            view = self._runs[event.run_id] = _RunView(event.session_key)
-        view.seq = event.seq
-        run_id = event.run_id
-        if isinstance(event, RunQueued):
-            yield self._agent(
-                view, run_id, "lifecycle", {"phase": "queued", "behind": event.behind}
-            )
-        elif isinstance(event, RunStarted):
-            yield self._agent(view, run_id, "lifecycle", {"phase": "start"})
-        elif isinstance(event, StreamOptions):
-            yield self._agent(
-                view, run_id, "lifecycle", {"phase": "options", "allowCancel": event.allow_cancel}
-            )
-        elif isinstance(event, TextDelta):
-            view.text += event.text
-            yield self._chat(
-                view, run_id, state="delta", message=_assistant(view.text), deltaText=event.text
-            )
-            yield self._agent(view, run_id, "assistant", {"text": view.text, "delta": event.text})
+            view = self._runs[run_id] = _RunView(event.session_key)
+        encoded = self.cache.get(event)
+        parts = encoded.rest
+        if isinstance(event, TextDelta):
+            if not view.text_sent:
+                view.text_sent = True
+                parts = (
+                    encoded.first()
+                    if not view.text
+                    else _first_delta(event, view.text + event.text)
+                )
+                view.text = ""
         elif isinstance(event, ThinkingDelta):
-            view.thinking += event.text
-            yield self._agent(
-                view, run_id, "thinking", {"text": view.thinking, "delta": event.text}
-            )
-        elif isinstance(event, ToolCallStarted | ToolCallProgress | ToolCallFinished):
-            if self.tool_events:
-                data: dict[str, Any] = {"name": event.name, "toolCallId": event.tool_call_id}
-                if isinstance(event, ToolCallStarted):
-                    data |= {"phase": "start", "arguments": dict(event.arguments)}
-                elif isinstance(event, ToolCallProgress):
-                    data |= {"phase": "progress", "progress": event.progress}
-                    if event.total is not None:
-                        data["total"] = event.total
-                    if event.message is not None:
-                        data["message"] = event.message
-                else:
-                    data |= {"phase": "result", "isError": event.is_error, "result": event.result}
-                yield self._agent(view, run_id, "tool", data)
-        else:
+            if not view.thinking_sent:
+                view.thinking_sent = True
+                parts = (
+                    encoded.first()
+                    if not view.thinking
+                    else _first_delta(event, view.thinking + event.text)
+                )
+                view.thinking = ""
+        elif encoded.tool and not self.tool_events:
+            return
+        elif isinstance(event, RunFinished | RunCancelled | RunFailed):
             del self._runs[run_id]
-            yield from self._terminal(view, event)
-
-    def _terminal(self, view: _RunView, event: Event) -> Iterator[Frame]:
-        run_id = event.run_id
-        if isinstance(event, RunFinished):
-            reason = event.stop_reason
-            yield self._agent(view, run_id, "lifecycle", {"phase": "end", "stopReason": reason})
-            final: dict[str, Any] = {
-                "stopReason": "budget" if reason in BUDGET_STOP_REASONS else reason,
-                "usage": wire_usage(event.usage),
-            }
-            if event.message is not None:
-                final["message"] = wire_message(event.message)
-            yield self._chat(view, run_id, state="final", **final)
-        elif isinstance(event, RunCancelled):
-            yield self._agent(view, run_id, "lifecycle", {"phase": "end", "aborted": True})
-            aborted: dict[str, Any] = {"stopReason": wire_stop_reason(event.reason)}
-            if event.message is not None:
-                aborted["message"] = wire_message(event.message)
-            yield self._chat(view, run_id, state="aborted", **aborted)
-            yield STOPPED_EVENT, stopped_payload(event)
-        elif isinstance(event, RunFailed):
-            yield self._agent(
-                view, run_id, "lifecycle", {"phase": "error", "errorKind": event.error_kind}
-            )
-            yield self._chat(
-                view,
-                run_id,
-                state="error",
-                errorMessage=event.error_message,
-                errorKind=wire_error_kind(event.error_kind),
-                errorDetail={"providerErrorType": event.error_kind},
-            )
-            yield FAILED_EVENT, failed_payload(event)
-
-    def _chat(self, view: _RunView, run_id: str, **fields: Any) -> Frame:
-        payload = {"runId": run_id, "sessionKey": view.session_key, "seq": view.seq}
-        return "chat", payload | fields
-
-    def _agent(self, view: _RunView, run_id: str, stream: str, data: Mapping[str, Any]) -> Frame:
-        return "agent", {
-            "runId": run_id,
-            "seq": view.seq,
-            "stream": stream,
-            "ts": now_ms(),
-            "data": {"sessionKey": view.session_key, **data},
-        }
+        for part in parts:
+            if part.stream is None:
+                yield part.name, part.head
+            else:
+                yield part.name, f"{part.head}{event.seq}{part.tail}"
 
 
 def _wire_receipt(receipt: ToolReceipt) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 // Drive a gateway with the official OpenClaw client (@openclaw/gateway-client@2026.9.1).
 //
 //   node tests/node/drive.mjs <scenario> --url ws://127.0.0.1:PORT [--token T]
-//        [--session KEY] [--message TEXT] [--timeout-ms N]
+//        [--session KEY] [--message TEXT] [--timeout-ms N] [--subscribe]
 //   node tests/node/drive.mjs --check      (imports the packages, prints one line, exits 0)
 //
 // Scenarios: send-abort, send-final, resume, bad-token (see usage below).
@@ -17,7 +17,7 @@
 import { randomUUID } from "node:crypto";
 
 const USAGE = `usage: node drive.mjs <scenario> --url ws://127.0.0.1:PORT [--token T] [--session KEY]
-                     [--message TEXT] [--run RUN_ID] [--timeout-ms N]
+                     [--message TEXT] [--run RUN_ID] [--timeout-ms N] [--subscribe]
        node drive.mjs --check
 scenarios:
   send-abort  connect; chat.send; wait for 3 'delta' chat events of the run; chat.abort {sessionKey, runId};
@@ -33,6 +33,7 @@ scenarios:
   bad-token   connect with --token (default: a wrong token); report the connect error and the
               close, stop after the first failure (no reconnect loop). Exit 0 if the gateway
               refused the connection, 1 if it accepted it.
+--subscribe: (send-abort, send-final) call sessions.messages.subscribe {key: --session} first
 output: one JSON object per line on stdout: {"kind":"event","frame":…} | {"kind":"step","name":…,"result":…}
         | {"kind":"error","name":…,"code":…,"message":…,"details":…}`;
 
@@ -59,6 +60,7 @@ function parseArgs(argv) {
     else if (a === "--message") opts.message = value();
     else if (a === "--run") opts.run = value();
     else if (a === "--timeout-ms") opts.timeoutMs = Number(value());
+    else if (a === "--subscribe") opts.subscribe = true;
     else if (a.startsWith("--")) fail(`unknown option ${a}\n${USAGE}`, 2);
     else positional.push(a);
   }
@@ -249,6 +251,10 @@ async function sendAndWait(terminal) {
   const sessionKey = opts.session;
   const message = opts.message ?? DEFAULT_MESSAGES[opts.scenario];
   await step("connect", () => hello);
+  if (opts.subscribe) {
+    await step("sessions.messages.subscribe", () =>
+      client.request("sessions.messages.subscribe", { key: sessionKey }));
+  }
   const idempotencyKey = randomUUID();
   const sent = await step("chat.send", () =>
     client.request("chat.send", { sessionKey, message, idempotencyKey }));

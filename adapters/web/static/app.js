@@ -34,6 +34,8 @@ const ui = {
   tools: $("tools"),
 };
 
+const LIST_EVERY_MS = 5000;  // how often the session list is read again
+
 const state = {
   ws: null, nextId: 1, pending: new Map(), connected: false, needToken: false, retries: 0,
   session: sessionFromHash(),  // null until hello-ok names the main session
@@ -43,6 +45,7 @@ const state = {
   runs: new Map(),         // runId -> live run of the current session
   ended: new Set(),        // runs seen ending: a late history read must not revive them
   mine: new Set(),         // runs this page started
+  subscribed: null,        // the session this connection follows (sessions.messages.subscribe)
   // From stop receipts, keyed "runId toolCallId" (a provider may reuse a call id in
   // another run): the call's status, and whether its server was told of the stop.
   toolStatus: new Map(),
@@ -77,6 +80,7 @@ function connect() {
     if (state.ws !== ws) return;
     state.ws = null;
     state.connected = false;
+    state.subscribed = null;  // a new connection follows nothing until it subscribes
     for (const { reject } of state.pending.values()) reject(gatewayError("Not connected to the gateway."));
     state.pending.clear();
     if (state.needToken) return;  // wait for the token form
@@ -151,6 +155,9 @@ async function hello() {
   learnSessionDefaults(welcome.snapshot && welcome.snapshot.sessionDefaults);
   showTools((welcome.features && welcome.features.capabilities) || []);
   if (!sessionFromHash()) showSession(state.mainSession);
+  // other sessions' events no longer reach a subscribed page: their list is read again
+  clearInterval(state.listTimer);
+  state.listTimer = setInterval(() => { if (state.connected) loadSessions(); }, LIST_EVERY_MS);
   await Promise.all([loadSessions(), loadSession()]);
 }
 
@@ -211,8 +218,24 @@ function showSession(key) {  // an empty transcript until the history read fills
   renderSessions();
 }
 
+async function follow(key) {
+  // Only the shown session's events (and this page's own runs) reach this connection;
+  // subscribed before the history read, so no event falls between the two.
+  if (state.subscribed === key) return;
+  const previous = state.subscribed;
+  state.subscribed = key;
+  try {
+    await request("sessions.messages.subscribe", { key });
+    if (previous) await request("sessions.messages.unsubscribe", { key: previous });
+  } catch (error) {
+    // an older gateway, or a dropped connection: it broadcasts, or the reconnect retries
+  }
+}
+
 async function loadSession() {
   const key = state.session;
+  await follow(key);
+  if (key !== state.session) return;
   const asked = performance.now();
   let read;
   try {
@@ -333,7 +356,7 @@ function onAgent(payload) {
     else if (data.phase === "options") run.allowCancel = data.allowCancel !== false;
     else return;
   } else if (payload.stream === "thinking") {
-    if (!run.text) run.thinking = data.text;
+    if (!run.text) run.thinking = data.text !== undefined ? data.text : run.thinking + data.delta;
   } else if (payload.stream === "tool") {
     const known = run.tools.get(data.toolCallId);
     if (data.phase === "progress") {
