@@ -123,16 +123,15 @@ async def test_subscribing_mid_reply_starts_from_the_text_so_far(stack) -> None:
             await late.ok("sessions.messages.subscribe", {"key": "elsewhere"})
             await sender.ok("chat.send", send("s", "Go.\n#sim words=400 rate=200", "run"))
             await sender.wait_event(
-                lambda f: f["event"] == "chat" and f["payload"].get("seq", 0) >= 40
-            )
+                lambda f: f["event"] == "chat" and f["payload"].get("seq", 0) >= 45
+            )  # the run's seq: a few of its events (options, start) are not words
             await late.ok("sessions.messages.subscribe", {"key": "s"})
             final = (await late.wait_chat("run", "final"))["payload"]
             first = deltas(late.received, "run")[0]
             assert len(final_text(first).split()) > 40  # the snapshot: the text so far
             assert rebuilt(late.received, "run") == final_text(final)
-            assert [d["seq"] for d in deltas(late.received, "run")] == list(
-                range(len(deltas(late.received, "run")))
-            )
+            seqs = [d["seq"] for d in deltas(late.received, "run")]  # the run's own seq
+            assert seqs == sorted(set(seqs)) and seqs[0] >= 45
 
 
 async def test_following_a_session_again_restarts_from_its_text_so_far(stack) -> None:
@@ -143,8 +142,8 @@ async def test_following_a_session_again_restarts_from_its_text_so_far(stack) ->
             await page.wait_chat("run", "delta")  # as an operator, from its start
             await page.ok("sessions.messages.subscribe", {"key": "other"})  # s: no longer
             await sender.wait_event(
-                lambda f: f["event"] == "chat" and f["payload"].get("seq", 0) >= 100
-            )
+                lambda f: f["event"] == "chat" and f["payload"].get("seq", 0) >= 105
+            )  # the run's seq: a few of its events (options, start) are not words
             away = len(page.received)
             await page.ok("sessions.messages.subscribe", {"key": "s"})  # back, mid-reply
             final = (await page.wait_chat("run", "final"))["payload"]
@@ -345,4 +344,5 @@ async def test_a_stops_reply_and_its_runs_end_overtake_other_runs_waiting_deltas
             mine = [f["payload"] for f in seen if f.get("event") == "chat"]
             mine = [p for p in mine if p["runId"] == "mine"]
             assert mine[-1]["state"] == "aborted"
-            assert [p["seq"] for p in mine] == list(range(len(mine)))
+            seqs = [p["seq"] for p in mine]  # the run's own seq: in order, none twice
+            assert seqs == sorted(set(seqs))
