@@ -17,12 +17,15 @@ from typing import Any
 
 import trio
 
+from adapters._migrations import SchemaTooNew
 from adapters.chat_client import DEFAULT_SESSION, DEFAULT_URL, chat, history
 from adapters.gateway import DEFAULT_PORT, Gateway, UnsafeBind, check_bind, read_token_file
 from adapters.openai_compat import open_openai_compat
+from adapters.postgres_store import PostgresStoreError
 from adapters.sim import main as sim_main
 from adapters.sim import serve_sim
-from adapters.sqlite_store import SQLiteStore, default_db_path
+from adapters.sqlite_store import SQLiteStoreError, default_db_path
+from adapters.stores import describe, open_store
 from runtime import Model, Runtime, Tool
 
 logger = logging.getLogger("adapters.cli")
@@ -70,7 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="file of 'name token' lines; each name reaches only the sessions 'name:...'",
     )
-    serve_.add_argument("--db", type=Path, default=None, help="SQLite file for the history")
+    serve_.add_argument(
+        "--db",
+        default=None,
+        help="where the history is kept: a SQLite file (default: under $XDG_DATA_HOME), or "
+        "a postgresql:// URL to share it between several gateway processes",
+    )
     serve_.add_argument("--provider", choices=PROVIDERS, default="sim")
     serve_.add_argument("--model", help='model name (required but for the sim: "sim")')
     serve_.add_argument(
@@ -169,7 +177,7 @@ class CannotStart(Exception):
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    db = args.db or default_db_path()
+    db: str | Path = args.db or default_db_path()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with AsyncExitStack() as stack:
             try:
@@ -178,7 +186,10 @@ async def _serve(args: argparse.Namespace) -> None:
                 )
             except ValueError as exc:
                 raise CannotStart(str(exc)) from None
-            store = await stack.enter_async_context(SQLiteStore(db))
+            try:
+                store = await stack.enter_async_context(open_store(db))
+            except (PostgresStoreError, SQLiteStoreError, SchemaTooNew) as exc:
+                raise CannotStart(str(exc)) from None
             # Opened before the runtime, so closed after it: the runtime's shutdown stops
             # its runs (telling the servers of calls in flight) while they are still up.
             tools = await _open_tools(stack, args) if args.mcp else ()
@@ -211,10 +222,10 @@ async def _open_tools(stack: AsyncExitStack, args: argparse.Namespace) -> tuple[
     return mcp.tools
 
 
-def _announce(args: argparse.Namespace, port: int, db: Path, tools: list[str]) -> None:
+def _announce(args: argparse.Namespace, port: int, db: str | Path, tools: list[str]) -> None:
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"ws://{host}:{port}"
-    print(f"trio-agent gateway on {url} (provider {args.provider}, db {db})")
+    print(f"trio-agent gateway on {url} (provider {args.provider}, db {describe(db)})")
     print(f"chat page: http://{host}:{port}/")
     if tools:
         print(f"tools (MCP): {', '.join(tools)}")
