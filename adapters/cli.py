@@ -26,7 +26,7 @@ from adapters.sim import main as sim_main
 from adapters.sim import serve_sim
 from adapters.sqlite_store import SQLiteStoreError, default_db_path
 from adapters.stores import describe, open_store
-from runtime import Model, Runtime, Tool
+from runtime import AbortBus, LocalAbortBus, Model, Runtime, Tool
 
 logger = logging.getLogger("adapters.cli")
 
@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="where the history is kept: a SQLite file (default: under $XDG_DATA_HOME), or "
         "a postgresql:// URL to share it between several gateway processes",
+    )
+    serve_.add_argument(
+        "--bus",
+        default=None,
+        metavar="URL",
+        help="Redis (redis://host:port or unix:///path.sock) that carries stops between "
+        "gateway processes sharing a postgresql:// --db; default: this process alone",
     )
     serve_.add_argument("--provider", choices=PROVIDERS, default="sim")
     serve_.add_argument("--model", help='model name (required but for the sim: "sim")')
@@ -193,9 +200,16 @@ async def _serve(args: argparse.Namespace) -> None:
             # Opened before the runtime, so closed after it: the runtime's shutdown stops
             # its runs (telling the servers of calls in flight) while they are still up.
             tools = await _open_tools(stack, args) if args.mcp else ()
-            runtime = await stack.enter_async_context(
-                Runtime(model=model, store=store, tools=tools)
-            )
+            bus = _abort_bus(args.bus) if args.bus else LocalAbortBus()
+            try:
+                runtime = await stack.enter_async_context(
+                    Runtime(model=model, store=store, tools=tools, abort_bus=bus)
+                )
+            except* Exception as group:
+                bus_errors = [e for e in _leaves(group) if type(e).__name__ == "RedisBusError"]
+                if bus_errors:
+                    raise CannotStart(str(bus_errors[0])) from None
+                raise
             gateway = Gateway(runtime, token=args.token, tokens=args.tokens)
             async with trio.open_nursery() as nursery:
 
@@ -208,6 +222,18 @@ async def _serve(args: argparse.Namespace) -> None:
                 port = await nursery.start(serve_then_stop_watching)
                 _announce(args, port, db, [tool.name for tool in tools])
                 await _watch_signals(signals, gateway)
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def _abort_bus(url: str) -> AbortBus:
+    from adapters.redis_bus import RedisAbortBus  # only when asked: coredis is slow to import
+
+    return RedisAbortBus(url)
 
 
 async def _open_tools(stack: AsyncExitStack, args: argparse.Namespace) -> tuple[Tool, ...]:

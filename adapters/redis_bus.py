@@ -1,0 +1,430 @@
+"""The abort bus on Redis (``coredis``, which runs on Trio through anyio): several gateway
+processes sharing one store, and a Stop that finds its run on any of them.
+
+Keys (under ``prefix``, ``trio-agent:`` by default; one Redis server, not a cluster: the
+scripts below touch keys they compute):
+
+- ``owner:{run}`` = the process id that owns the run, set (NX) by the claim before the run
+  registers, removed once its end is written. A second claim of the id fails: the same
+  idempotency key sent to two processes starts one run.
+- ``runs:{process}``: the runs a process owns; ``procs``: the processes that said hello.
+- ``alive:{process}``: the heartbeat, set every ``heartbeat`` seconds to expire after
+  ``alive_for``. A process whose key expired is dead: the first live process to notice
+  (every ``heartbeat``, it takes ``reap:{process}`` with NX) closes that process's runs as
+  interrupted in the store, their checkpointed partials kept, and removes its keys. So a
+  death is noticed within ``alive_for + heartbeat`` seconds (4 s by default).
+- ``abort:{run}``: the tombstone, set for ``tombstone_for`` seconds by an abort of a run
+  that is not live here. The claim reads it in the same script that sets the owner, so of
+  an abort and a start that race, either the start sees the tombstone (the run is stopped
+  as it registers) or the abort sees the owner (and asks it): the abort always wins.
+
+An abort of a run on another process: one script sets the tombstone and reads the owner
+and its heartbeat. No live owner: ``aborted: false`` at once. Otherwise the request is
+published on ``aborts``; the owner aborts the run in its runtime and answers on the
+asker's channel ``replies:{process}`` with what it did, which is what the asker answers
+(``aborted`` true only if the run was stopped). A session-wide abort is answered by every
+process that received it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, final
+
+import attrs
+import coredis
+import coredis.exceptions
+import trio
+
+from runtime import AbortRefused, AbortResult, RunRecord, RunSessionMismatch, Runtime
+
+logger = logging.getLogger("adapters.redis_bus")
+
+# KEYS: owner:{run}, runs:{me}, abort:{run}; ARGV: me, run. Returns {claimed, tombstoned}.
+_CLAIM = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return {0, 0} end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+return {1, redis.call('EXISTS', KEYS[3])}
+"""
+# KEYS: runs:{me}; ARGV: me, owner prefix, run ids...
+_RELEASE = """
+for i = 3, #ARGV do
+  local key = ARGV[2] .. ARGV[i]
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+  redis.call('SREM', KEYS[1], ARGV[i])
+end
+return 1
+"""
+# KEYS: abort:{run}, owner:{run}; ARGV: tombstone ms, alive prefix. Returns a live owner.
+_TOMBSTONE = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+local owner = redis.call('GET', KEYS[2])
+if not owner then return false end
+if redis.call('EXISTS', ARGV[2] .. owner) == 0 then return false end
+return owner
+"""
+# KEYS: procs; ARGV: alive prefix, reap prefix, me, reap ms. Returns the dead ones to reap.
+_FIND_DEAD = """
+local dead = {}
+for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if proc ~= ARGV[3] and redis.call('EXISTS', ARGV[1] .. proc) == 0 then
+    if redis.call('SET', ARGV[2] .. proc, ARGV[3], 'NX', 'PX', ARGV[4]) then
+      table.insert(dead, proc)
+    end
+  end
+end
+return dead
+"""
+# KEYS: runs:{proc}, procs, reap:{proc}, alive:{proc}; ARGV: proc, owner prefix.
+_FORGET = """
+for _, run in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[2] .. run
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+# KEYS: owner:{run}...; ARGV: alive prefix. Returns 1 per run whose owner is alive.
+_OWNED = """
+local result = {}
+for i, key in ipairs(KEYS) do
+  local owner = redis.call('GET', key)
+  if owner and redis.call('EXISTS', ARGV[1] .. owner) == 1 then
+    result[i] = 1
+  else
+    result[i] = 0
+  end
+end
+return result
+"""
+
+
+class RedisBusError(Exception):
+    """Redis could not be used; the message says why and what to do."""
+
+
+@final
+@attrs.define(eq=False)
+class _Waiter:
+    expected: int | None = None
+    replies: list[dict[str, Any]] = attrs.field(factory=list)
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+    def check(self) -> None:
+        if self.expected is not None and len(self.replies) >= self.expected:
+            self.done.set()
+
+
+@final
+@attrs.define(eq=False)
+class RedisAbortBus:
+    """``Runtime(..., abort_bus=RedisAbortBus("redis://..."))``: see the module docstring.
+
+    ``url`` is ``redis://host:port/db`` or ``unix:///path/to/redis.sock``."""
+
+    url: str
+    prefix: str = "trio-agent:"
+    heartbeat: float = 1.0
+    alive_for: float = 3.0
+    tombstone_for: float = 60.0
+    reply_timeout: float = 2.0
+    process_id: str = attrs.field(factory=lambda: uuid.uuid4().hex[:16])
+    _client: Any = attrs.field(default=None, init=False)
+    _runtime: Runtime | None = attrs.field(default=None, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    _claiming: set[str] = attrs.field(factory=set, init=False)  # claimed, not registered
+    _pending: set[str] = attrs.field(factory=set, init=False)  # to stop as they register
+    _waiters: dict[str, _Waiter] = attrs.field(factory=dict, init=False)
+    _to_release: list[str] = attrs.field(factory=list, init=False)
+    _release_wanted: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    @property
+    def _aborts_channel(self) -> str:
+        return self._key("aborts")
+
+    def _replies_channel(self, process_id: str) -> str:
+        return self._key("replies", process_id)
+
+    # -- the AbortBus port ---------------------------------------------------------
+
+    @asynccontextmanager
+    async def open(self, runtime: Runtime) -> AsyncIterator[RedisAbortBus]:
+        async with coredis.Redis.from_url(self.url, decode_responses=True) as client:
+            self._client, self._runtime = client, runtime
+            for name, source in (
+                ("claim", _CLAIM),
+                ("release", _RELEASE),
+                ("tombstone", _TOMBSTONE),
+                ("find_dead", _FIND_DEAD),
+                ("forget", _FORGET),
+                ("owned", _OWNED),
+            ):
+                self._scripts[name] = client.register_script(source)
+            try:
+                await self._beat_once()
+            except (coredis.exceptions.RedisError, OSError) as exc:
+                raise RedisBusError(
+                    f"Redis at {self.url} could not be reached ({exc}). Start it, or check "
+                    "the URL given to --bus."
+                ) from exc
+            channels = [self._aborts_channel, self._replies_channel(self.process_id)]
+            async with (
+                client.pubsub(channels=channels, ignore_subscribe_messages=True) as pubsub,
+                trio.open_nursery() as nursery,
+            ):
+                self._nursery = nursery
+                nursery.start_soon(self._listen, pubsub)
+                nursery.start_soon(self._beat)
+                nursery.start_soon(self._watch)
+                nursery.start_soon(self._release_loop)
+                try:
+                    yield self
+                finally:
+                    with trio.move_on_after(5, shield=True):
+                        await self._release_now()
+                        await self._forget(self.process_id)  # a clean exit: no one reaps us
+                    nursery.cancel_scope.cancel()
+                    self._nursery = None
+
+    async def claim(self, run_id: str, session_key: str) -> bool:
+        self._claiming.add(run_id)
+        try:
+            claimed, tombstoned = await self._scripts["claim"](
+                [
+                    self._key("owner", run_id),
+                    self._key("runs", self.process_id),
+                    self._key("abort", run_id),
+                ],
+                [self.process_id, run_id],
+            )
+        except BaseException:
+            self.released(run_id)  # the script may have run: undo it, if it did
+            raise
+        if not claimed:
+            self._claiming.discard(run_id)
+            return False
+        if tombstoned:
+            logger.info("run %s was aborted before it started: it is stopped now", run_id)
+            self._pending.add(run_id)
+        return True
+
+    def registered(self, run_id: str) -> bool:
+        self._claiming.discard(run_id)
+        if run_id in self._pending:
+            self._pending.discard(run_id)
+            return True
+        return False
+
+    def released(self, run_id: str) -> None:
+        self._claiming.discard(run_id)
+        self._pending.discard(run_id)
+        self._to_release.append(run_id)
+        self._release_wanted.set()
+
+    async def abort_elsewhere(
+        self,
+        run_id: str | None,
+        session_key: str | None,
+        reason: str,
+        stop_policy: str | None,
+    ) -> AbortResult:
+        owner: str | None = None
+        if run_id is not None:
+            owner = await self._scripts["tombstone"](
+                [self._key("abort", run_id), self._key("owner", run_id)],
+                [round(self.tombstone_for * 1000), self._key("alive", "")],
+            )
+            if owner == self.process_id and run_id in self._claiming:
+                self._pending.add(run_id)  # being claimed here: stopped as it registers
+                return AbortResult(True, (run_id,))
+            if owner is None or owner == self.process_id:
+                return AbortResult(False, ())
+        request_id = uuid.uuid4().hex
+        request = {
+            "id": request_id,
+            "from": self.process_id,
+            "owner": owner,
+            "run_id": run_id,
+            "session_key": session_key,
+            "reason": reason,
+            "stop_policy": stop_policy,
+        }
+        waiter = self._waiters[request_id] = _Waiter()
+        try:
+            receivers = await self._client.publish(self._aborts_channel, json.dumps(request))
+            waiter.expected = 1 if owner is not None else max(receivers - 1, 0)
+            waiter.check()
+            with trio.move_on_after(self.reply_timeout):
+                await waiter.done.wait()
+        finally:
+            del self._waiters[request_id]
+        if not waiter.done.is_set():
+            logger.warning(
+                "abort of run=%s session=%s: %d of %s processes answered in %g s",
+                run_id,
+                session_key,
+                len(waiter.replies),
+                waiter.expected,
+                self.reply_timeout,
+            )
+        aborted: list[str] = []
+        refused: list[str] = []
+        for reply in waiter.replies:
+            if reply.get("error") == "mismatch" and run_id is not None and session_key:
+                raise RunSessionMismatch(run_id, session_key)
+            if reply.get("error") == "refused" and run_id is not None:
+                raise AbortRefused(run_id)
+            aborted += reply.get("aborted", [])
+            refused += reply.get("refused", [])
+        return AbortResult(bool(aborted), tuple(aborted), tuple(refused))
+
+    async def orphans(self, records: Sequence[RunRecord]) -> list[RunRecord]:
+        if not records:
+            return []
+        owned = await self._scripts["owned"](
+            [self._key("owner", r.run_id) for r in records], [self._key("alive", "")]
+        )
+        return [r for r, alive in zip(records, owned, strict=True) if not alive]
+
+    # -- the tasks -------------------------------------------------------------------
+
+    async def _listen(self, pubsub: Any) -> None:
+        async for message in pubsub:
+            try:
+                data = json.loads(message["data"])
+                if message["channel"] == self._aborts_channel:
+                    self._on_abort(data)
+                elif (waiter := self._waiters.get(data.get("id"))) is not None:
+                    waiter.replies.append(data)
+                    waiter.check()
+            except Exception:
+                logger.exception("a bus message could not be handled: %r", message)
+
+    def _on_abort(self, request: dict[str, Any]) -> None:
+        """An abort request from another process: act at once (no await), answer after."""
+        if request["from"] == self.process_id:
+            return
+        run_id, session_key = request.get("run_id"), request.get("session_key")
+        if run_id is not None and request.get("owner") != self.process_id:
+            return  # the asker asks the owner only
+        assert self._runtime is not None and self._nursery is not None
+        reply: dict[str, Any] = {"id": request["id"], "from": self.process_id}
+        try:
+            if run_id is not None and self._runtime.get_run(run_id) is None:
+                if run_id in self._claiming:
+                    self._pending.add(run_id)
+                    result = AbortResult(True, (run_id,))
+                else:
+                    result = AbortResult(False, ())
+            else:
+                result = self._runtime.abort(
+                    run_id,
+                    session_key,
+                    reason=request.get("reason") or "rpc",
+                    stop_policy=request.get("stop_policy"),
+                )
+        except RunSessionMismatch:
+            reply["error"] = "mismatch"
+        except AbortRefused:
+            reply["error"] = "refused"
+        else:
+            reply |= {"aborted": list(result.run_ids), "refused": list(result.refused)}
+            if result.aborted:
+                logger.info(
+                    "abort from process %s: stopped %s", request["from"], ",".join(result.run_ids)
+                )
+        self._nursery.start_soon(self._publish_reply, request["from"], reply)
+
+    async def _publish_reply(self, to: str, reply: dict[str, Any]) -> None:
+        try:
+            await self._client.publish(self._replies_channel(to), json.dumps(reply))
+        except Exception as exc:
+            logger.warning("an abort's answer could not be sent to %s: %s", to, exc)
+
+    async def _beat_once(self) -> None:
+        await self._client.set(
+            self._key("alive", self.process_id), "1", px=round(self.alive_for * 1000)
+        )
+        await self._client.sadd(self._key("procs"), [self.process_id])
+
+    async def _beat(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat)
+            try:
+                await self._beat_once()
+            except Exception as exc:
+                logger.warning("heartbeat failed (Redis unreachable?): %s", exc)
+
+    async def _watch(self) -> None:
+        """Find dead processes and close their runs (see the module docstring)."""
+        assert self._runtime is not None
+        while True:
+            await trio.sleep(self.heartbeat)
+            try:
+                dead = await self._scripts["find_dead"](
+                    [self._key("procs")],
+                    [
+                        self._key("alive", ""),
+                        self._key("reap", ""),
+                        self.process_id,
+                        round(max(30.0, 10 * self.alive_for) * 1000),
+                    ],
+                )
+                for process_id in dead:
+                    run_ids = sorted(await self._client.smembers(self._key("runs", process_id)))
+                    logger.warning(
+                        "process %s is dead (no heartbeat for %g s): closing its runs %s",
+                        process_id,
+                        self.alive_for,
+                        ",".join(run_ids) or "(none)",
+                    )
+                    await self._runtime.close_interrupted(run_ids)
+                    await self._forget(process_id)
+            except Exception as exc:  # Redis or the store unreachable: try again later
+                logger.warning("looking for dead processes failed: %s", exc)
+
+    async def _forget(self, process_id: str) -> None:
+        await self._scripts["forget"](
+            [
+                self._key("runs", process_id),
+                self._key("procs"),
+                self._key("reap", process_id),
+                self._key("alive", process_id),
+            ],
+            [process_id, self._key("owner", "")],
+        )
+
+    async def _release_loop(self) -> None:
+        while True:
+            await self._release_wanted.wait()
+            try:
+                await self._release_now()
+            except Exception as exc:
+                logger.warning("releasing runs failed, to be retried: %s", exc)
+                await trio.sleep(self.heartbeat)
+
+    async def _release_now(self) -> None:
+        self._release_wanted = trio.Event()
+        batch, self._to_release = self._to_release, []
+        if not batch:
+            return
+        try:
+            await self._scripts["release"](
+                [self._key("runs", self.process_id)],
+                [self.process_id, self._key("owner", ""), *batch],
+            )
+        except BaseException:
+            self._to_release[:0] = batch
+            self._release_wanted.set()
+            raise
