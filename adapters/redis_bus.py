@@ -145,6 +145,7 @@ class RedisAbortBus:
     _to_release: list[str] = attrs.field(factory=list, init=False)
     _release_wanted: trio.Event = attrs.field(factory=trio.Event, init=False)
     _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
+    _tasks: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -184,10 +185,7 @@ class RedisAbortBus:
                 trio.open_nursery() as nursery,
             ):
                 self._nursery = nursery
-                nursery.start_soon(self._listen, pubsub)
-                nursery.start_soon(self._beat)
-                nursery.start_soon(self._watch)
-                nursery.start_soon(self._release_loop)
+                nursery.start_soon(self._work, pubsub)
                 try:
                     yield self
                 finally:
@@ -298,6 +296,16 @@ class RedisAbortBus:
         return [r for r, alive in zip(records, owned, strict=True) if not alive]
 
     # -- the tasks -------------------------------------------------------------------
+
+    async def _work(self, pubsub: Any) -> None:
+        """The bus's tasks, under a scope of their own (``_tasks``: cancelling it stops
+        the heartbeat as a death would, which the tests use)."""
+        with self._tasks:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen, pubsub)
+                nursery.start_soon(self._beat)
+                nursery.start_soon(self._watch)
+                nursery.start_soon(self._release_loop)
 
     async def _listen(self, pubsub: Any) -> None:
         async for message in pubsub:

@@ -298,8 +298,9 @@ class Runtime:
         self._admitting[run_id] = trio.Event()
         claimed = False
         try:
-            if await self.store.get_run(run_id) is not None:
-                raise RunExists(run_id, live=False)
+            if (recorded := await self.store.get_run(run_id)) is not None:
+                # running, yet not live here: live on another process sharing the store
+                raise RunExists(run_id, live=recorded.status == "running")
             settings = await self.store.get_settings(session_key)
             # the last await: another process may own this id (see _abort)
             claimed = await self.abort_bus.claim(run_id, session_key)
