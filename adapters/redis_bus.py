@@ -24,10 +24,19 @@ published on ``aborts``; the owner aborts the run in its runtime and answers on 
 asker's channel ``replies:{process}`` with what it did, which is what the asker answers
 (``aborted`` true only if the run was stopped). A session-wide abort is answered by every
 process that received it.
+
+Redis restarted (nothing persisted, so every key is gone): the pub/sub connection comes
+back by itself (coredis resubscribes), and the next heartbeat, finding that Redis no
+longer knows this process, owns its live runs again and stops those whose tombstone was
+set meanwhile. An abort sent while Redis is down fails (the gateway answers with an
+error); one sent after the restart but before the heartbeat finds no owner, answers
+``aborted: false`` and leaves its tombstone, which the heartbeat then finds: the run is
+stopped within ``heartbeat`` seconds all the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -91,6 +100,21 @@ redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
 redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 """
+# KEYS: alive:{me}, procs; ARGV: me, alive ms. Returns 1 when Redis did not know us.
+_BEAT = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+return redis.call('SADD', KEYS[2], ARGV[1])
+"""
+# KEYS: runs:{me}; ARGV: me, owner prefix, abort prefix, run ids... Returns tombstoned ids.
+_RECLAIM = """
+local tombstoned = {}
+for i = 4, #ARGV do
+  redis.call('SET', ARGV[2] .. ARGV[i], ARGV[1])
+  redis.call('SADD', KEYS[1], ARGV[i])
+  if redis.call('EXISTS', ARGV[3] .. ARGV[i]) == 1 then table.insert(tombstoned, ARGV[i]) end
+end
+return tombstoned
+"""
 # KEYS: owner:{run}...; ARGV: alive prefix. Returns 1 per run whose owner is alive.
 _OWNED = """
 local result = {}
@@ -110,11 +134,16 @@ class RedisBusError(Exception):
     """Redis could not be used; the message says why and what to do."""
 
 
+RESEND_AFTER = 0.25  # seconds without an answer before an abort request is sent again
+ANSWERS_KEPT = 1000  # answers kept by request id, for requests sent again
+
+
 @final
 @attrs.define(eq=False)
 class _Waiter:
     expected: int | None = None
-    replies: list[dict[str, Any]] = attrs.field(factory=list)
+    # by process: the first answer of each (a request sent again may be answered twice)
+    replies: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     done: trio.Event = attrs.field(factory=trio.Event)
 
     def check(self) -> None:
@@ -146,6 +175,7 @@ class RedisAbortBus:
     _release_wanted: trio.Event = attrs.field(factory=trio.Event, init=False)
     _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
     _tasks: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _answered: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)  # by request
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -170,6 +200,8 @@ class RedisAbortBus:
                 ("find_dead", _FIND_DEAD),
                 ("forget", _FORGET),
                 ("owned", _OWNED),
+                ("beat", _BEAT),
+                ("reclaim", _RECLAIM),
             ):
                 self._scripts[name] = client.register_script(source)
             try:
@@ -260,11 +292,20 @@ class RedisAbortBus:
         }
         waiter = self._waiters[request_id] = _Waiter()
         try:
-            receivers = await self._client.publish(self._aborts_channel, json.dumps(request))
-            waiter.expected = 1 if owner is not None else max(receivers - 1, 0)
-            waiter.check()
+            # Sent again until answered: a message published while the owner's
+            # subscription reconnects is lost (aborting twice is harmless).
             with trio.move_on_after(self.reply_timeout):
-                await waiter.done.wait()
+                while True:
+                    receivers = await self._client.publish(
+                        self._aborts_channel, json.dumps(request)
+                    )
+                    if waiter.expected is None:
+                        waiter.expected = 1 if owner is not None else max(receivers - 1, 0)
+                        waiter.check()
+                    with trio.move_on_after(RESEND_AFTER):
+                        await waiter.done.wait()
+                    if waiter.done.is_set():
+                        break
         finally:
             del self._waiters[request_id]
         if not waiter.done.is_set():
@@ -278,13 +319,13 @@ class RedisAbortBus:
             )
         aborted: list[str] = []
         refused: list[str] = []
-        for reply in waiter.replies:
+        for reply in waiter.replies.values():
             if reply.get("error") == "mismatch" and run_id is not None and session_key:
                 raise RunSessionMismatch(run_id, session_key)
             if reply.get("error") == "refused" and run_id is not None:
                 raise AbortRefused(run_id)
-            aborted += reply.get("aborted", [])
-            refused += reply.get("refused", [])
+            aborted += [r for r in reply.get("aborted", []) if r not in aborted]
+            refused += [r for r in reply.get("refused", []) if r not in refused]
         return AbortResult(bool(aborted), tuple(aborted), tuple(refused))
 
     async def orphans(self, records: Sequence[RunRecord]) -> list[RunRecord]:
@@ -308,16 +349,20 @@ class RedisAbortBus:
                 nursery.start_soon(self._release_loop)
 
     async def _listen(self, pubsub: Any) -> None:
-        async for message in pubsub:
-            try:
-                data = json.loads(message["data"])
-                if message["channel"] == self._aborts_channel:
-                    self._on_abort(data)
-                elif (waiter := self._waiters.get(data.get("id"))) is not None:
-                    waiter.replies.append(data)
-                    waiter.check()
-            except Exception:
-                logger.exception("a bus message could not be handled: %r", message)
+        while True:
+            # The iteration ends when the connection drops; coredis reconnects and
+            # subscribes again by itself, and then the next iteration goes on.
+            async for message in pubsub:
+                try:
+                    data = json.loads(message["data"])
+                    if message["channel"] == self._aborts_channel:
+                        self._on_abort(data)
+                    elif (waiter := self._waiters.get(data.get("id"))) is not None:
+                        waiter.replies.setdefault(data["from"], data)
+                        waiter.check()
+                except Exception:
+                    logger.exception("a bus message could not be handled: %r", message)
+            await trio.sleep(0.05)
 
     def _on_abort(self, request: dict[str, Any]) -> None:
         """An abort request from another process: act at once (no await), answer after."""
@@ -327,6 +372,9 @@ class RedisAbortBus:
         if run_id is not None and request.get("owner") != self.process_id:
             return  # the asker asks the owner only
         assert self._runtime is not None and self._nursery is not None
+        if (answered := self._answered.get(request["id"])) is not None:  # sent again:
+            self._nursery.start_soon(self._publish_reply, request["from"], answered)
+            return  # the same answer (acting again would find the run stopping: "false")
         reply: dict[str, Any] = {"id": request["id"], "from": self.process_id}
         try:
             if run_id is not None and self._runtime.get_run(run_id) is None:
@@ -352,6 +400,9 @@ class RedisAbortBus:
                 logger.info(
                     "abort from process %s: stopped %s", request["from"], ",".join(result.run_ids)
                 )
+        self._answered[request["id"]] = reply
+        while len(self._answered) > ANSWERS_KEPT:
+            del self._answered[next(iter(self._answered))]
         self._nursery.start_soon(self._publish_reply, request["from"], reply)
 
     async def _publish_reply(self, to: str, reply: dict[str, Any]) -> None:
@@ -360,17 +411,43 @@ class RedisAbortBus:
         except Exception as exc:
             logger.warning("an abort's answer could not be sent to %s: %s", to, exc)
 
-    async def _beat_once(self) -> None:
-        await self._client.set(
-            self._key("alive", self.process_id), "1", px=round(self.alive_for * 1000)
+    async def _beat_once(self) -> bool:
+        """Say this process is alive; True when Redis had forgotten it (a restart, a
+        flush): then the owner keys of its live runs are gone too."""
+        return bool(
+            await self._scripts["beat"](
+                [self._key("alive", self.process_id), self._key("procs")],
+                [self.process_id, round(self.alive_for * 1000)],
+            )
         )
-        await self._client.sadd(self._key("procs"), [self.process_id])
+
+    async def _reclaim(self) -> None:
+        """After Redis forgot this process: own its live runs again, and stop those whose
+        tombstone was set meanwhile (an abort sent while the owner key was missing)."""
+        assert self._runtime is not None
+        runs = [r.run_id for r in self._runtime.live_runs()]
+        if not runs:
+            return
+        tombstoned = await self._scripts["reclaim"](
+            [self._key("runs", self.process_id)],
+            [self.process_id, self._key("owner", ""), self._key("abort", ""), *runs],
+        )
+        for run_id in tombstoned:
+            with contextlib.suppress(AbortRefused):  # started with allow_cancel=False
+                self._runtime.abort(run_id, reason="rpc")
+        logger.warning(
+            "Redis had forgotten this process (restarted?): %d live runs owned again, %d "
+            "stopped by an abort sent meanwhile",
+            len(runs),
+            len(tombstoned),
+        )
 
     async def _beat(self) -> None:
         while True:
             await trio.sleep(self.heartbeat)
             try:
-                await self._beat_once()
+                if await self._beat_once():
+                    await self._reclaim()
             except Exception as exc:
                 logger.warning("heartbeat failed (Redis unreachable?): %s", exc)
 

@@ -203,3 +203,28 @@ async def test_redis_unreachable_is_one_sentence(tmp_path) -> None:
     assert isinstance(error, RedisBusError) and "could not be reached" in str(error)
     del caught, error
     gc.collect()  # that garbage goes here, under this test's filter, not in a later test
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see above
+async def test_after_a_redis_restart_the_owner_is_found_again(redis: Redis) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with (
+            runtime(store, redis, heartbeat=0.2) as a,
+            runtime(store, redis, heartbeat=0.2) as b,
+        ):
+            first = await a.start_run("s", "q", "r1")
+            second = await a.start_run("t", "q", "r2")
+            await first_delta(a, "r1")
+            redis.stop()
+            await trio.sleep(0.5)  # heartbeats fail meanwhile; the runs go on
+            redis.start()  # empty: every key is gone
+            # an abort before A's heartbeat came back: no owner, but the tombstone stays
+            early = await b.abort_anywhere("r2", "t")
+            assert isinstance(await second.wait(), RunCancelled)  # the heartbeat found it
+            assert early.aborted in (True, False)  # whichever came first, the run stopped
+            # and once the heartbeat came back, the owner answers
+            result = await b.abort_anywhere("r1", "s")
+            assert (result.aborted, result.run_ids) == (True, ("r1",))
+            assert isinstance(await first.wait(), RunCancelled)
+    gc.collect()  # coredis's garbage from the failed reconnections, under this filter

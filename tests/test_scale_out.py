@@ -210,3 +210,35 @@ async def test_one_idempotency_key_sent_to_two_gateways_starts_one_run(
         for i in range(10):
             prompts = [m for m in await store.history(f"s{i}") if m.role == "user"]
             assert len(prompts) == 1
+
+
+async def test_a_stop_after_redis_restarted_mid_run_still_stops_it(
+    postgres: Postgres, redis: Redis, env
+) -> None:
+    db = postgres.create_database()
+    with trio.fail_after(BOUND):
+        async with (
+            gateways(env, db, redis, 2) as (a, b),
+            open_client(a.port) as on_a,
+            open_client(b.port) as on_b,
+        ):
+            await on_a.ok("chat.send", send("s", SLOW, "r1"))
+            await wait_deltas(on_a, "r1", 5)
+            redis.stop()
+            await trio.sleep(1.0)
+            redis.start()  # empty, as after a restart without persistence
+            await wait_deltas(on_a, "r1", len(delivered(on_a, "r1").split()) + 5)
+            answer = await on_b.ok("chat.abort", {"sessionKey": "s", "runId": "r1"})
+            # told the truth either way: if A's heartbeat had not owned the run again yet,
+            # "false" now, and the tombstone stops it within a heartbeat
+            await on_a.wait_chat("r1", "aborted")
+            assert answer["aborted"] in (True, False)
+            # a run started after the restart is stopped from B as usual
+            await on_a.ok("chat.send", send("t", SLOW, "r2"))
+            await wait_deltas(on_a, "r2", 1)
+            again = await on_b.ok("chat.abort", {"sessionKey": "t", "runId": "r2"})
+            assert again == {"ok": True, "aborted": True, "runIds": ["r2"]}
+            await on_a.wait_chat("r2", "aborted")
+    async with PostgresStore(db) as store:
+        assert (await store.get_run("r1")).status == "cancelled"
+        assert (await store.get_run("r2")).status == "cancelled"
