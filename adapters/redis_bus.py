@@ -52,6 +52,8 @@ import trio
 from runtime import AbortRefused, AbortResult, RunRecord, RunSessionMismatch, Runtime
 
 logger = logging.getLogger("adapters.redis_bus")
+# Failures are logged as strings: a kept log record must not keep a failed connection
+# (and the anyio streams coredis leaves in it) alive.
 
 # KEYS: owner:{run}, runs:{me}, abort:{run}; ARGV: me, run. Returns {claimed, tombstoned}.
 _CLAIM = """
@@ -409,7 +411,7 @@ class RedisAbortBus:
         try:
             await self._client.publish(self._replies_channel(to), json.dumps(reply))
         except Exception as exc:
-            logger.warning("an abort's answer could not be sent to %s: %s", to, exc)
+            logger.warning("an abort's answer could not be sent to %s: %s", to, str(exc))
 
     async def _beat_once(self) -> bool:
         """Say this process is alive; True when Redis had forgotten it (a restart, a
@@ -449,7 +451,7 @@ class RedisAbortBus:
                 if await self._beat_once():
                     await self._reclaim()
             except Exception as exc:
-                logger.warning("heartbeat failed (Redis unreachable?): %s", exc)
+                logger.warning("heartbeat failed (Redis unreachable?): %s", str(exc))
 
     async def _watch(self) -> None:
         """Find dead processes and close their runs (see the module docstring)."""
@@ -477,7 +479,7 @@ class RedisAbortBus:
                     await self._runtime.close_interrupted(run_ids)
                     await self._forget(process_id)
             except Exception as exc:  # Redis or the store unreachable: try again later
-                logger.warning("looking for dead processes failed: %s", exc)
+                logger.warning("looking for dead processes failed: %s", str(exc))
 
     async def _forget(self, process_id: str) -> None:
         await self._scripts["forget"](
@@ -496,7 +498,7 @@ class RedisAbortBus:
             try:
                 await self._release_now()
             except Exception as exc:
-                logger.warning("releasing runs failed, to be retried: %s", exc)
+                logger.warning("releasing runs failed, to be retried: %s", str(exc))
                 await trio.sleep(self.heartbeat)
 
     async def _release_now(self) -> None:
