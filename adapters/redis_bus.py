@@ -25,6 +25,13 @@ asker's channel ``replies:{process}`` with what it did, which is what the asker 
 (``aborted`` true only if the run was stopped). A session-wide abort is answered by every
 process that received it.
 
+Run events (``relay_events``, on by default): each process publishes its runs' events on
+``events:{session}`` (one script call per batch of what its subscription holds), and
+hands those of the other processes to its own subscribers (``Runtime.relay``), so a
+client may follow a run from any process, with the run's own ``seq``. Every process
+receives every session's events (a pattern subscription): following only the sessions
+its clients follow waits for the gateway's session-scoped delivery.
+
 Redis restarted (nothing persisted, so every key is gone): the pub/sub connection comes
 back by itself (coredis resubscribes), and the next heartbeat, finding that Redis no
 longer knows this process, owns its live runs again and stops those whose tombstone was
@@ -49,7 +56,17 @@ import coredis
 import coredis.exceptions
 import trio
 
-from runtime import AbortRefused, AbortResult, RunRecord, RunSessionMismatch, Runtime
+from runtime import (
+    AbortRefused,
+    AbortResult,
+    Event,
+    RunRecord,
+    RunSessionMismatch,
+    Runtime,
+    SubscriptionOverflow,
+    converter,
+    is_terminal,
+)
 
 logger = logging.getLogger("adapters.redis_bus")
 # Failures are logged as strings: a kept log record must not keep a failed connection
@@ -117,6 +134,11 @@ for i = 4, #ARGV do
 end
 return tombstoned
 """
+# KEYS: channels...; ARGV: messages, one per channel.
+_PUBLISH_ALL = """
+for i, channel in ipairs(KEYS) do redis.call('PUBLISH', channel, ARGV[i]) end
+return #KEYS
+"""
 # KEYS: owner:{run}...; ARGV: alive prefix. Returns 1 per run whose owner is alive.
 _OWNED = """
 local result = {}
@@ -138,6 +160,7 @@ class RedisBusError(Exception):
 
 RESEND_AFTER = 0.25  # seconds without an answer before an abort request is sent again
 ANSWERS_KEPT = 1000  # answers kept by request id, for requests sent again
+RELAY_MAX_BYTES = 64 * 1024 * 1024  # run events waiting to be published, at most
 
 
 @final
@@ -166,6 +189,7 @@ class RedisAbortBus:
     alive_for: float = 3.0
     tombstone_for: float = 60.0
     reply_timeout: float = 2.0
+    relay_events: bool = True
     process_id: str = attrs.field(factory=lambda: uuid.uuid4().hex[:16])
     _client: Any = attrs.field(default=None, init=False)
     _runtime: Runtime | None = attrs.field(default=None, init=False)
@@ -178,6 +202,7 @@ class RedisAbortBus:
     _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
     _tasks: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _answered: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)  # by request
+    _remote_runs: set[str] = attrs.field(factory=set, init=False)  # their events relayed here
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -204,6 +229,7 @@ class RedisAbortBus:
                 ("owned", _OWNED),
                 ("beat", _BEAT),
                 ("reclaim", _RECLAIM),
+                ("publish_all", _PUBLISH_ALL),
             ):
                 self._scripts[name] = client.register_script(source)
             try:
@@ -214,8 +240,11 @@ class RedisAbortBus:
                     "the URL given to --bus."
                 ) from exc
             channels = [self._aborts_channel, self._replies_channel(self.process_id)]
+            patterns = [self._key("events", "*")] if self.relay_events else []
             async with (
-                client.pubsub(channels=channels, ignore_subscribe_messages=True) as pubsub,
+                client.pubsub(
+                    channels=channels, patterns=patterns, ignore_subscribe_messages=True
+                ) as pubsub,
                 trio.open_nursery() as nursery,
             ):
                 self._nursery = nursery
@@ -349,6 +378,8 @@ class RedisAbortBus:
                 nursery.start_soon(self._beat)
                 nursery.start_soon(self._watch)
                 nursery.start_soon(self._release_loop)
+                if self.relay_events:
+                    nursery.start_soon(self._publish_events)
 
     async def _listen(self, pubsub: Any) -> None:
         while True:
@@ -357,7 +388,9 @@ class RedisAbortBus:
             async for message in pubsub:
                 try:
                     data = json.loads(message["data"])
-                    if message["channel"] == self._aborts_channel:
+                    if message.get("pattern"):
+                        self._on_event(data)
+                    elif message["channel"] == self._aborts_channel:
                         self._on_abort(data)
                     elif (waiter := self._waiters.get(data.get("id"))) is not None:
                         waiter.replies.setdefault(data["from"], data)
@@ -365,6 +398,49 @@ class RedisAbortBus:
                 except Exception:
                     logger.exception("a bus message could not be handled: %r", message)
             await trio.sleep(0.05)
+
+    def _on_event(self, data: dict[str, Any]) -> None:
+        if data["from"] == self.process_id:
+            return
+        assert self._runtime is not None
+        event: Event = converter.structure(data["event"], Event)  # type: ignore[arg-type]
+        self._remote_runs.add(event.run_id)  # so _publish_events does not send it back
+        self._runtime.relay(event)
+
+    async def _publish_events(self) -> None:
+        """Publish this process's runs' events, a batch (all the subscription holds) per
+        script call; events relayed from other processes are not sent back."""
+        assert self._runtime is not None
+        while True:
+            with self._runtime.subscribe(max_bytes=RELAY_MAX_BYTES) as events:
+                try:
+                    async for first in events:
+                        batch = [first]
+                        while (more := events.receive_nowait()) is not None:
+                            batch.append(more)
+                        await self._publish_batch(batch)
+                except SubscriptionOverflow:
+                    logger.warning(
+                        "run events were not relayed fast enough (Redis slow?): some were "
+                        "dropped for clients on other processes"
+                    )
+
+    async def _publish_batch(self, batch: list[Event]) -> None:
+        channels, messages = [], []
+        for event in batch:
+            if event.run_id in self._remote_runs:
+                if is_terminal(event):
+                    self._remote_runs.discard(event.run_id)
+                continue
+            channels.append(self._key("events", event.session_key))
+            messages.append(
+                json.dumps({"from": self.process_id, "event": converter.unstructure(event, Event)})
+            )
+        if channels:
+            try:
+                await self._scripts["publish_all"](channels, messages)
+            except Exception as exc:
+                logger.warning("run events could not be relayed: %s", str(exc))
 
     def _on_abort(self, request: dict[str, Any]) -> None:
         """An abort request from another process: act at once (no await), answer after."""

@@ -412,6 +412,11 @@ class Runtime:
         bound = self.subscriber_max_bytes if max_bytes is None else max_bytes
         return self._bus.subscribe(session_key, self.subscriber_capacity, bound)
 
+    def relay(self, event: Event) -> None:
+        """Hand this process's subscribers an event of a run on another process (the
+        abort bus relays them, so a client may follow a run from any process)."""
+        self._bus.publish(event)
+
     def get_run(self, run_id: str) -> Run | None:
         """The live or queued run with this id, if any."""
         return self._runs.get(run_id)

@@ -4,7 +4,7 @@ claims, tombstones and replies, fast; test_scale_out.py runs the same across pro
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,6 +23,16 @@ from runtime import (
     text_turn,
 )
 from tests.services import Redis, redis_fixture  # noqa: F401 (the fixture)
+
+
+@pytest.fixture
+def coredis_garbage() -> Iterator[None]:
+    """coredis 6.9 leaves the anyio memory streams of a connection that failed to open for
+    the garbage collector (ResourceWarning "Unclosed MemoryObjectSendStream"): not ours to
+    close. Collected here, after the test's trio.run, under the test's warning filter, not
+    in a later test."""
+    yield
+    gc.collect()
 
 
 def slow_model() -> ScriptedModel:
@@ -188,10 +198,8 @@ def _prompt(run_id: str):  # type: ignore[no-untyped-def]
     return Message("user", (TextBlock("q"),), 0, {"run_id": run_id})
 
 
-# coredis 6.9 leaves the anyio memory streams of a connection that failed to open for the
-# garbage collector (ResourceWarning "Unclosed MemoryObjectSendStream"): not ours to close.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-async def test_redis_unreachable_is_one_sentence(tmp_path) -> None:
+async def test_redis_unreachable_is_one_sentence(tmp_path, coredis_garbage) -> None:
     bus = RedisAbortBus(f"unix://{tmp_path}/none.sock")
     model = ScriptedModel.from_turns(text_turn("x"))
     with trio.fail_after(30), pytest.raises(BaseException) as caught:
@@ -202,11 +210,12 @@ async def test_redis_unreachable_is_one_sentence(tmp_path) -> None:
         error = error.exceptions[0]
     assert isinstance(error, RedisBusError) and "could not be reached" in str(error)
     del caught, error
-    gc.collect()  # that garbage goes here, under this test's filter, not in a later test
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see above
-async def test_after_a_redis_restart_the_owner_is_found_again(redis: Redis) -> None:
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_after_a_redis_restart_the_owner_is_found_again(
+    redis: Redis, coredis_garbage: None
+) -> None:
     store = MemoryStore()
     with trio.fail_after(30):
         async with (
@@ -227,4 +236,3 @@ async def test_after_a_redis_restart_the_owner_is_found_again(redis: Redis) -> N
             result = await b.abort_anywhere("r1", "s")
             assert (result.aborted, result.run_ids) == (True, ("r1",))
             assert isinstance(await first.wait(), RunCancelled)
-    gc.collect()  # coredis's garbage from the failed reconnections, under this filter

@@ -47,6 +47,15 @@ async def gateways(
         yield started
 
 
+def untimed(value: object) -> object:
+    """``value`` without "ts" and "timestamp": when each gateway wrote the frame."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k not in ("ts", "timestamp")}
+    if isinstance(value, list):
+        return [untimed(v) for v in value]
+    return value
+
+
 def send(session: str, message: str, key: str) -> dict[str, str]:
     return {"sessionKey": session, "message": message, "idempotencyKey": key}
 
@@ -83,6 +92,8 @@ async def test_a_stop_sent_to_b_stops_the_run_on_a(postgres: Postgres, redis: Re
             assert answer == {"ok": True, "aborted": True, "runIds": ["r1"]}
             aborted = await on_a.wait_chat("r1", "aborted")  # the scope on A was cancelled
             assert aborted["payload"]["stopReason"] == "rpc"
+            relayed = await on_b.wait_chat("r1", "aborted")  # and B's client is told
+            assert relayed["payload"] == aborted["payload"]
             # a second abort, from either side, says it did nothing
             again = await on_b.ok("chat.abort", {"sessionKey": "s", "runId": "r1"})
             assert again["aborted"] is False
@@ -242,3 +253,36 @@ async def test_a_stop_after_redis_restarted_mid_run_still_stops_it(
     async with PostgresStore(db) as store:
         assert (await store.get_run("r1")).status == "cancelled"
         assert (await store.get_run("r2")).status == "cancelled"
+
+
+async def test_a_client_of_b_follows_a_run_on_a(postgres: Postgres, redis: Redis, env) -> None:
+    """Every chat and agent event of the run reaches B's client as A's client gets it:
+    the same payloads, the run's seq without a gap."""
+    db = postgres.create_database()
+    with trio.fail_after(BOUND):
+        async with (
+            gateways(env, db, redis, 2) as (a, b),
+            open_client(a.port) as on_a,
+            open_client(b.port) as on_b,
+        ):
+            await on_a.ok("chat.send", send("s", "Tell me.\n#sim words=300 rate=400", "r1"))
+            await on_a.wait_chat("r1", "final")
+            final = await on_b.wait_chat("r1", "final")
+            assert final["payload"]["message"]["content"][0]["text"].split()[0]
+            await trio.sleep(0.2)  # anything that would follow the final, wrongly
+
+            def payloads(client: Client) -> list[tuple[str, object]]:
+                return [
+                    (f["event"], untimed(f["payload"]))
+                    for f in client.received
+                    if f.get("type") == "event"
+                    and f["event"] in ("chat", "agent")
+                    and f["payload"].get("runId") == "r1"
+                ]
+
+            seen_a, seen_b = payloads(on_a), payloads(on_b)
+            assert seen_b == seen_a
+            seqs = [p["seq"] for kind, p in seen_b if kind == "chat"]  # type: ignore[index]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            assert delivered(on_b, "r1") == delivered(on_a, "r1")
+            assert len(delivered(on_b, "r1").split()) == 300
