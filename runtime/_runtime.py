@@ -342,7 +342,7 @@ class Runtime:
         if run._ahead:
             self._publish(run, RunQueued, prompt=message, behind=run._ahead[-1].run_id)
         self._nursery.start_soon(self._drive, run, name=f"run {run_id}")
-        if self.abort_bus.registered(run_id):  # an abort for it came first: it wins
+        if self.abort_bus.registered(run_id) and allow_cancel:  # an abort came first: it wins
             self._abort_run(run, "rpc", None)
         return run
 

@@ -66,8 +66,9 @@ class Postgres:
 
 
 @contextmanager
-def postgres_server() -> Iterator[Postgres]:
-    """``initdb`` and ``pg_ctl start`` in a fresh folder; stopped and removed on exit."""
+def postgres_server(*, fsync: bool = False) -> Iterator[Postgres]:
+    """``initdb`` and ``pg_ctl start`` in a fresh folder; stopped and removed on exit.
+    Without ``fsync`` (the tests), commits do not wait for the disk."""
     bin_ = _postgres_bin()
     if bin_ is None:
         pytest.skip("PostgreSQL's server binaries (initdb, pg_ctl) are not installed")
@@ -88,7 +89,8 @@ def postgres_server() -> Iterator[Postgres]:
             timeout=STARTUP_BOUND,
         )
         options = (
-            f"-c listen_addresses='' -c unix_socket_directories='{folder}' -c fsync=off "
+            f"-c listen_addresses='' -c unix_socket_directories='{folder}' "
+            f"-c fsync={'on' if fsync else 'off'} "
             "-c max_connections=200 -c shared_buffers=32MB"
         )
         subprocess.run(
