@@ -8,6 +8,11 @@ scripts below touch keys they compute):
   registers, removed once its end is written. A second claim of the id fails: the same
   idempotency key sent to two processes starts one run.
 - ``runs:{process}``: the runs a process owns; ``procs``: the processes that said hello.
+- ``session:{session}`` = the process that holds the session while it has live runs
+  (``sruns:{session}``; ``sessions:{process}``): a session's runs live on one process at a
+  time, so its history stays in order. A send for a session held by another live process
+  is refused (``SessionOnAnotherProcess``, a ``SessionBusy``: the gateway answers
+  UNAVAILABLE, retryable); the session is free again once its last run there ended.
 - ``alive:{process}``: the heartbeat, set every ``heartbeat`` seconds to expire after
   ``alive_for``. A process whose key expired is dead: the first live process to notice
   (every ``heartbeat``, it takes ``reap:{process}`` with NX) closes that process's runs as
@@ -59,10 +64,12 @@ import trio
 from runtime import (
     AbortRefused,
     AbortResult,
+    AgentRuntimeError,
     Event,
     RunRecord,
     RunSessionMismatch,
     Runtime,
+    SessionBusy,
     SubscriptionOverflow,
     converter,
     is_terminal,
@@ -72,20 +79,38 @@ logger = logging.getLogger("adapters.redis_bus")
 # Failures are logged as strings: a kept log record must not keep a failed connection
 # (and the anyio streams coredis leaves in it) alive.
 
-# KEYS: owner:{run}, runs:{me}, abort:{run}; ARGV: me, run. Returns {claimed, tombstoned}.
+# KEYS: owner:{run}, runs:{me}, abort:{run}, session:{s}, sessions:{me}, sruns:{s};
+# ARGV: me, run, alive prefix, session. Returns {1, tombstoned} when claimed, {0, ""} when
+# another process owns the run, {2, holder} when another live process holds the session.
 _CLAIM = """
 local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[1] then return {0, 0} end
+if owner and owner ~= ARGV[1] then return {0, ''} end
+local holder = redis.call('GET', KEYS[4])
+if holder and holder ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. holder) == 1 then
+  return {2, holder}
+end
+redis.call('SET', KEYS[4], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[4])
+redis.call('SADD', KEYS[6], ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
 return {1, redis.call('EXISTS', KEYS[3])}
 """
-# KEYS: runs:{me}; ARGV: me, owner prefix, run ids...
+# KEYS: runs:{me}, sessions:{me}; ARGV: me, prefix, then run id and session pairs. A
+# session whose last live run this was is no longer held.
 _RELEASE = """
-for i = 3, #ARGV do
-  local key = ARGV[2] .. ARGV[i]
+for i = 3, #ARGV, 2 do
+  local run, session = ARGV[i], ARGV[i + 1]
+  local key = ARGV[2] .. 'owner:' .. run
   if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
-  redis.call('SREM', KEYS[1], ARGV[i])
+  redis.call('SREM', KEYS[1], run)
+  local sruns = ARGV[2] .. 'sruns:' .. session
+  redis.call('SREM', sruns, run)
+  local held = ARGV[2] .. 'session:' .. session
+  if redis.call('SCARD', sruns) == 0 and redis.call('GET', held) == ARGV[1] then
+    redis.call('DEL', held)
+    redis.call('SREM', KEYS[2], session)
+  end
 end
 return 1
 """
@@ -109,13 +134,19 @@ for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return dead
 """
-# KEYS: runs:{proc}, procs, reap:{proc}, alive:{proc}; ARGV: proc, owner prefix.
+# KEYS: runs:{proc}, procs, reap:{proc}, alive:{proc}, sessions:{proc}; ARGV: proc, prefix.
 _FORGET = """
 for _, run in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local key = ARGV[2] .. run
+  local key = ARGV[2] .. 'owner:' .. run
   if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
 end
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+for _, session in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  local held = ARGV[2] .. 'session:' .. session
+  if redis.call('GET', held) == ARGV[1] then
+    redis.call('DEL', held, ARGV[2] .. 'sruns:' .. session)
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
 redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 """
@@ -124,13 +155,18 @@ _BEAT = """
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
 return redis.call('SADD', KEYS[2], ARGV[1])
 """
-# KEYS: runs:{me}; ARGV: me, owner prefix, abort prefix, run ids... Returns tombstoned ids.
+# KEYS: runs:{me}, sessions:{me}; ARGV: me, prefix, then run id and session pairs.
+# Returns the tombstoned run ids.
 _RECLAIM = """
 local tombstoned = {}
-for i = 4, #ARGV do
-  redis.call('SET', ARGV[2] .. ARGV[i], ARGV[1])
-  redis.call('SADD', KEYS[1], ARGV[i])
-  if redis.call('EXISTS', ARGV[3] .. ARGV[i]) == 1 then table.insert(tombstoned, ARGV[i]) end
+for i = 3, #ARGV, 2 do
+  local run, session = ARGV[i], ARGV[i + 1]
+  redis.call('SET', ARGV[2] .. 'owner:' .. run, ARGV[1])
+  redis.call('SADD', KEYS[1], run)
+  redis.call('SET', ARGV[2] .. 'session:' .. session, ARGV[1])
+  redis.call('SADD', KEYS[2], session)
+  redis.call('SADD', ARGV[2] .. 'sruns:' .. session, run)
+  if redis.call('EXISTS', ARGV[2] .. 'abort:' .. run) == 1 then table.insert(tombstoned, run) end
 end
 return tombstoned
 """
@@ -156,6 +192,21 @@ return result
 
 class RedisBusError(Exception):
     """Redis could not be used; the message says why and what to do."""
+
+
+class SessionOnAnotherProcess(SessionBusy):
+    """A send for a session whose runs live on another process: a session's runs live on
+    one process at a time (so that its history stays in order), and this one is busy
+    there. The gateway answers it UNAVAILABLE, retryable, like any busy session."""
+
+    def __init__(self, session_key: str, process_id: str) -> None:
+        AgentRuntimeError.__init__(
+            self,
+            f"The session {session_key!r} has a run in progress on another gateway process "
+            f"({process_id}); send there, or once that run has ended.",
+        )
+        self.live_run_id = ""
+        self.process_id = process_id
 
 
 RESEND_AFTER = 0.25  # seconds without an answer before an abort request is sent again
@@ -197,7 +248,8 @@ class RedisAbortBus:
     _claiming: set[str] = attrs.field(factory=set, init=False)  # claimed, not registered
     _pending: set[str] = attrs.field(factory=set, init=False)  # to stop as they register
     _waiters: dict[str, _Waiter] = attrs.field(factory=dict, init=False)
-    _to_release: list[str] = attrs.field(factory=list, init=False)
+    _to_release: list[tuple[str, str]] = attrs.field(factory=list, init=False)  # run, session
+    _run_sessions: dict[str, str] = attrs.field(factory=dict, init=False)  # claimed runs
     _release_wanted: trio.Event = attrs.field(factory=trio.Event, init=False)
     _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
     _tasks: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
@@ -260,20 +312,27 @@ class RedisAbortBus:
 
     async def claim(self, run_id: str, session_key: str) -> bool:
         self._claiming.add(run_id)
+        self._run_sessions[run_id] = session_key
         try:
             claimed, tombstoned = await self._scripts["claim"](
                 [
                     self._key("owner", run_id),
                     self._key("runs", self.process_id),
                     self._key("abort", run_id),
+                    self._key("session", session_key),
+                    self._key("sessions", self.process_id),
+                    self._key("sruns", session_key),
                 ],
-                [self.process_id, run_id],
+                [self.process_id, run_id, self._key("alive", ""), session_key],
             )
         except BaseException:
             self.released(run_id)  # the script may have run: undo it, if it did
             raise
-        if not claimed:
+        if claimed != 1:
             self._claiming.discard(run_id)
+            del self._run_sessions[run_id]
+            if claimed == 2:
+                raise SessionOnAnotherProcess(session_key, str(tombstoned))
             return False
         if tombstoned:
             logger.info("run %s was aborted before it started: it is stopped now", run_id)
@@ -290,8 +349,10 @@ class RedisAbortBus:
     def released(self, run_id: str) -> None:
         self._claiming.discard(run_id)
         self._pending.discard(run_id)
-        self._to_release.append(run_id)
-        self._release_wanted.set()
+        session_key = self._run_sessions.pop(run_id, None)
+        if session_key is not None:
+            self._to_release.append((run_id, session_key))
+            self._release_wanted.set()
 
     async def abort_elsewhere(
         self,
@@ -503,12 +564,12 @@ class RedisAbortBus:
         """After Redis forgot this process: own its live runs again, and stop those whose
         tombstone was set meanwhile (an abort sent while the owner key was missing)."""
         assert self._runtime is not None
-        runs = [r.run_id for r in self._runtime.live_runs()]
+        runs = self._runtime.live_runs()
         if not runs:
             return
         tombstoned = await self._scripts["reclaim"](
-            [self._key("runs", self.process_id)],
-            [self.process_id, self._key("owner", ""), self._key("abort", ""), *runs],
+            [self._key("runs", self.process_id), self._key("sessions", self.process_id)],
+            [self.process_id, self.prefix, *(p for r in runs for p in (r.run_id, r.session_key))],
         )
         for run_id in tombstoned:
             with contextlib.suppress(AbortRefused):  # started with allow_cancel=False
@@ -564,8 +625,9 @@ class RedisAbortBus:
                 self._key("procs"),
                 self._key("reap", process_id),
                 self._key("alive", process_id),
+                self._key("sessions", process_id),
             ],
-            [process_id, self._key("owner", "")],
+            [process_id, self.prefix],
         )
 
     async def _release_loop(self) -> None:
@@ -584,8 +646,8 @@ class RedisAbortBus:
             return
         try:
             await self._scripts["release"](
-                [self._key("runs", self.process_id)],
-                [self.process_id, self._key("owner", ""), *batch],
+                [self._key("runs", self.process_id), self._key("sessions", self.process_id)],
+                [self.process_id, self.prefix, *(part for pair in batch for part in pair)],
             )
         except BaseException:
             self._to_release[:0] = batch

@@ -53,7 +53,8 @@ class AbortBus(Protocol):
 
     async def claim(self, run_id: str, session_key: str) -> bool:
         """Take ownership of a run about to be registered; False when another live
-        process owns a run of that id (the same idempotency key sent there)."""
+        process owns a run of that id (the same idempotency key sent there). Raises
+        SessionBusy when the session's runs live on another process."""
         ...
 
     def registered(self, run_id: str) -> bool:

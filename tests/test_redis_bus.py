@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from adapters.redis_bus import RedisAbortBus, RedisBusError
+from adapters.redis_bus import RedisAbortBus, RedisBusError, SessionOnAnotherProcess
 from runtime import (
     MemoryStore,
     RunCancelled,
@@ -21,6 +21,7 @@ from runtime import (
     ScriptedModel,
     TextDelta,
     text_turn,
+    validate_history,
 )
 from tests.services import Redis, redis_fixture  # noqa: F401 (the fixture)
 
@@ -236,3 +237,33 @@ async def test_after_a_redis_restart_the_owner_is_found_again(
             result = await b.abort_anywhere("r1", "s")
             assert (result.aborted, result.run_ids) == (True, ("r1",))
             assert isinstance(await first.wait(), RunCancelled)
+
+
+async def test_a_sessions_runs_live_on_one_process_at_a_time(redis: Redis) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with runtime(store, redis) as a, runtime(store, redis) as b:
+            run = await a.start_run("s", "q", "r1")
+            with pytest.raises(SessionOnAnotherProcess, match="on another gateway process"):
+                await b.start_run("s", "q", "r2")
+            assert await store.get_run("r2") is None  # nothing of it was written
+            queued = await a.start_run("s", "q", "r3")  # the holder queues it as usual
+            await b.start_run("t", "q", "r4")  # another session is free
+            b.abort("r4")
+            a.abort(session_key="s")
+            await run.wait()
+            await queued.wait()
+            with trio.fail_after(5):  # released once its last run there ended
+                while True:
+                    try:
+                        later = await b.start_run("s", "q", "r5")
+                    except SessionOnAnotherProcess:
+                        await trio.sleep(0.01)
+                    else:
+                        break
+            b.abort("r5")
+            assert isinstance(await later.wait(), RunCancelled)
+            history = await store.history("s")
+            validate_history(history)
+            prompts = [m.meta["run_id"] for m in history if m.role == "user"]
+            assert prompts == [r for r in ("r1", "r3", "r5") if r in prompts]
