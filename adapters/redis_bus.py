@@ -60,6 +60,11 @@ import attrs
 import coredis
 import coredis.exceptions
 import trio
+from coredis.retry import (
+    CompositeRetryPolicy,
+    ConstantRetryPolicy,
+    ExponentialBackoffRetryPolicy,
+)
 
 from runtime import (
     AbortRefused,
@@ -209,6 +214,14 @@ class SessionOnAnotherProcess(SessionBusy):
         self.process_id = process_id
 
 
+# coredis's default backs off up to 16 s: a stop must not wait that long after a restart
+_RESUBSCRIBE = CompositeRetryPolicy(
+    ExponentialBackoffRetryPolicy(
+        (coredis.exceptions.ConnectionError,), retries=None, base_delay=0.05, max_delay=1.0,
+        jitter=True,
+    ),
+    ConstantRetryPolicy((TimeoutError,), retries=2, delay=0.1),
+)  # fmt: skip
 RESEND_AFTER = 0.25  # seconds without an answer before an abort request is sent again
 ANSWERS_KEPT = 1000  # answers kept by request id, for requests sent again
 RELAY_MAX_BYTES = 64 * 1024 * 1024  # run events waiting to be published, at most
@@ -295,7 +308,10 @@ class RedisAbortBus:
             patterns = [self._key("events", "*")] if self.relay_events else []
             async with (
                 client.pubsub(
-                    channels=channels, patterns=patterns, ignore_subscribe_messages=True
+                    channels=channels,
+                    patterns=patterns,
+                    ignore_subscribe_messages=True,
+                    retry_policy=_RESUBSCRIBE,
                 ) as pubsub,
                 trio.open_nursery() as nursery,
             ):
