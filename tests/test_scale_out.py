@@ -86,6 +86,10 @@ async def test_a_stop_sent_to_b_stops_the_run_on_a(postgres: Postgres, redis: Re
         ):
             assert (await on_a.ok("chat.send", send("s", SLOW, "r1")))["status"] == "started"
             await wait_deltas(on_a, "r1", 5)
+            # the session's runs live on A while it has one: a send to B is refused
+            busy = await on_b.call("chat.send", send("s", QUICK, "r0"))
+            assert not busy["ok"] and busy["error"]["code"] == "UNAVAILABLE"
+            assert "another gateway process" in busy["error"]["message"]
             started = time.perf_counter()
             answer = await on_b.ok("chat.abort", {"sessionKey": "s", "runId": "r1"})
             answered_ms = (time.perf_counter() - started) * 1000
