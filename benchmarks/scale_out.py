@@ -1,4 +1,5 @@
-"""Scale-out: a Stop across processes, and the stop commit on PostgreSQL.
+"""Scale-out: a Stop across processes, the stop commit on PostgreSQL, and SQLite's store
+calls at 200 runs a second (checkpoints in one statement per tick).
 
 Two ``trio-agent serve`` processes (each with its in-process simulated provider) share a
 private PostgreSQL and a private Redis (unix sockets, started for the run, as in the
@@ -11,15 +12,27 @@ timings), as the stop_commit benchmark does on SQLite.
 
 from __future__ import annotations
 
+import pathlib
 import sys
+import tempfile
 import time
 from contextlib import AsyncExitStack
-from typing import Final
+from typing import Any, Final
 
+import attrs
 import trio
 
 from adapters.postgres_store import PostgresStore
-from runtime import Pause, RunCancelled, Runtime, ScriptedModel, TextChunk, TextDelta
+from adapters.sqlite_store import SQLiteStore
+from runtime import (
+    Pause,
+    RunCancelled,
+    Runtime,
+    ScriptedModel,
+    TextChunk,
+    TextDelta,
+    text_turn,
+)
 
 from ._gateway import Client, gateway_process, open_client
 from ._report import Section, Summary, ms
@@ -73,6 +86,48 @@ async def commit_latency(url: str, words: int, trials: int) -> Summary:
     return Summary.of(commits)
 
 
+@attrs.define(eq=False)
+class _Timed:
+    """A store whose every call is timed, waiting for the store's turn included."""
+
+    inner: Any
+    samples: dict[str, list[float]] = attrs.field(factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self.inner, name)
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await call(*args, **kwargs)
+            finally:
+                elapsed = (time.perf_counter() - started) * 1000
+                self.samples.setdefault(name, []).append(elapsed)
+
+        return timed
+
+
+async def sqlite_at_rate(rate: int, seconds: float) -> list[tuple[str, Summary]]:
+    """SQLite store calls while ``rate`` short runs (20 words, 0.2 s) start per second."""
+    with tempfile.TemporaryDirectory() as folder:
+        async with SQLiteStore(pathlib.Path(folder) / "bench.db") as inner:
+            store = _Timed(inner)
+            model = ScriptedModel.from_turns(text_turn(*["w "] * 20, pause=0.01))
+            async with Runtime(model=model, store=store) as runtime:  # type: ignore[arg-type]
+                runs = []
+                start = trio.current_time()
+                for index in range(int(rate * seconds)):
+                    await trio.sleep_until(start + index / rate)
+                    runs.append(await runtime.start_run(f"rate-{index}", "Go."))
+                for run in runs:
+                    await run.wait()
+    every = [x for xs in store.samples.values() for x in xs]
+    return [
+        (f"SQLite at {rate} runs/s: {name}", Summary.of(store.samples[name]))
+        for name in ("begin_run", "checkpoint_runs", "commit_run")
+    ] + [(f"SQLite at {rate} runs/s: every store call", Summary.of(every))]
+
+
 async def measure(fsync: bool, trials: int) -> list[tuple[str, Summary]]:
     from tests.services import postgres_server, redis_server  # the tests' private servers
 
@@ -106,6 +161,10 @@ async def run(quick: bool) -> Section:
         for fsync in (True, False)
         for what, s in await measure(fsync, trials)
     ]  # fmt: skip
+    rows += [
+        (what, str(s.trials), ms(s.median), ms(s.p99), ms(s.max))
+        for what, s in await sqlite_at_rate(200, 1 if quick else 10)
+    ]
     notes = (
         "Two trio-agent serve processes on one PostgreSQL and one Redis (unix sockets, "
         "private servers started for the run; PostgreSQL's data on this machine's disk, "
@@ -115,10 +174,15 @@ async def run(quick: bool) -> Section:
         "PostgreSQL; across processes the abort travels B → Redis → A and the event A → "
         "Redis → B. The commit rows: a Runtime in the benchmark's process stops runs that "
         "streamed N words and commits the partial to PostgreSQL in one transaction (the "
-        "runtime's own stamps, scope exit to commit end)."
+        "runtime's own stamps, scope exit to commit end). The SQLite rows: a Runtime on a "
+        "SQLite file starts 200 short runs a second (20 words over 0.2 s each) for 10 s; "
+        "each store call is timed from its call to its return, so the wait for the store's "
+        "connection (its lock) is inside; checkpoints of all running runs go in one "
+        "statement per tick."
     )
     return Section(
-        "Scale-out: a stop across processes, and the stop commit on PostgreSQL",
+        "Scale-out: a stop across processes, the stop commit on PostgreSQL, SQLite at 200 "
+        "runs/s",
         ("what", "trials", "median ms", "p99 ms", "max ms"),
         tuple(rows),
         notes,
