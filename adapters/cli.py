@@ -17,13 +17,16 @@ from typing import Any
 
 import trio
 
+from adapters._migrations import SchemaTooNew
 from adapters.chat_client import DEFAULT_SESSION, DEFAULT_URL, chat, history
 from adapters.gateway import DEFAULT_PORT, Gateway, UnsafeBind, check_bind, read_token_file
 from adapters.openai_compat import open_openai_compat
+from adapters.postgres_store import PostgresStoreError
 from adapters.sim import main as sim_main
 from adapters.sim import serve_sim
-from adapters.sqlite_store import SQLiteStore, default_db_path
-from runtime import Model, Runtime, Tool
+from adapters.sqlite_store import SQLiteStoreError, default_db_path
+from adapters.stores import describe, open_store
+from runtime import AbortBus, LocalAbortBus, Model, Runtime, Tool
 
 logger = logging.getLogger("adapters.cli")
 
@@ -70,7 +73,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="file of 'name token' lines; each name reaches only the sessions 'name:...'",
     )
-    serve_.add_argument("--db", type=Path, default=None, help="SQLite file for the history")
+    serve_.add_argument(
+        "--db",
+        default=None,
+        help="where the history is kept: a SQLite file (default: under $XDG_DATA_HOME), or "
+        "a postgresql:// URL to share it between several gateway processes",
+    )
+    serve_.add_argument(
+        "--bus",
+        default=None,
+        metavar="URL",
+        help="Redis (redis://host:port or unix:///path.sock) that carries stops between "
+        "gateway processes sharing a postgresql:// --db; default: this process alone",
+    )
     serve_.add_argument("--provider", choices=PROVIDERS, default="sim")
     serve_.add_argument("--model", help='model name (required but for the sim: "sim")')
     serve_.add_argument(
@@ -169,7 +184,7 @@ class CannotStart(Exception):
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    db = args.db or default_db_path()
+    db: str | Path = args.db or default_db_path()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with AsyncExitStack() as stack:
             try:
@@ -178,13 +193,23 @@ async def _serve(args: argparse.Namespace) -> None:
                 )
             except ValueError as exc:
                 raise CannotStart(str(exc)) from None
-            store = await stack.enter_async_context(SQLiteStore(db))
+            try:
+                store = await stack.enter_async_context(open_store(db))
+            except (PostgresStoreError, SQLiteStoreError, SchemaTooNew) as exc:
+                raise CannotStart(str(exc)) from None
             # Opened before the runtime, so closed after it: the runtime's shutdown stops
             # its runs (telling the servers of calls in flight) while they are still up.
             tools = await _open_tools(stack, args) if args.mcp else ()
-            runtime = await stack.enter_async_context(
-                Runtime(model=model, store=store, tools=tools)
-            )
+            bus = _abort_bus(args.bus) if args.bus else LocalAbortBus()
+            try:
+                runtime = await stack.enter_async_context(
+                    Runtime(model=model, store=store, tools=tools, abort_bus=bus)
+                )
+            except* Exception as group:
+                bus_errors = [e for e in _leaves(group) if type(e).__name__ == "RedisBusError"]
+                if bus_errors:
+                    raise CannotStart(str(bus_errors[0])) from None
+                raise
             gateway = Gateway(runtime, token=args.token, tokens=args.tokens)
             async with trio.open_nursery() as nursery:
 
@@ -199,6 +224,18 @@ async def _serve(args: argparse.Namespace) -> None:
                 await _watch_signals(signals, gateway)
 
 
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def _abort_bus(url: str) -> AbortBus:
+    from adapters.redis_bus import RedisAbortBus  # only when asked: coredis is slow to import
+
+    return RedisAbortBus(url)
+
+
 async def _open_tools(stack: AsyncExitStack, args: argparse.Namespace) -> tuple[Tool, ...]:
     from adapters.mcp import MCPToolError, open_mcp_tools
 
@@ -211,10 +248,10 @@ async def _open_tools(stack: AsyncExitStack, args: argparse.Namespace) -> tuple[
     return mcp.tools
 
 
-def _announce(args: argparse.Namespace, port: int, db: Path, tools: list[str]) -> None:
+def _announce(args: argparse.Namespace, port: int, db: str | Path, tools: list[str]) -> None:
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"ws://{host}:{port}"
-    print(f"trio-agent gateway on {url} (provider {args.provider}, db {db})")
+    print(f"trio-agent gateway on {url} (provider {args.provider}, db {describe(db)})")
     print(f"chat page: http://{host}:{port}/")
     if tools:
         print(f"tools (MCP): {', '.join(tools)}")

@@ -41,41 +41,11 @@ from typing import Any, TypeVar, final
 import attrs
 import trio
 
-from runtime import Message, RunRecord, SessionSettings, converter
+from adapters._migrations import CREATE_VERSION_TABLE, pending
+from adapters._store_rows import message_body, message_from, record_body, record_from
+from runtime import Message, RunRecord, SessionSettings
 
 T = TypeVar("T")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    key TEXT PRIMARY KEY,
-    stop_policy TEXT NOT NULL DEFAULT 'keep_partial',
-    concurrency TEXT NOT NULL DEFAULT 'enqueue',
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    session_key TEXT NOT NULL,
-    run_id TEXT,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_key, id);
-CREATE INDEX IF NOT EXISTS messages_by_run ON messages (run_id);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    session_key TEXT NOT NULL,
-    status TEXT NOT NULL,
-    body TEXT NOT NULL,
-    checkpoint TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL,
-    fragment TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS checkpoints_by_run ON checkpoints (run_id, id);
-"""
-
 
 class SQLiteStoreError(Exception):
     """The database could not be read or written; the message says why and what to do."""
@@ -118,7 +88,11 @@ class SQLiteStore:
         )
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
-        connection.executescript(_SCHEMA)
+        try:
+            _migrate(connection, f"The SQLite database {self.path}")
+        except BaseException:
+            connection.close()
+            raise
         self._file_id = _file_id(self.path)
         return connection
 
@@ -228,12 +202,15 @@ class SQLiteStore:
             else:
                 sql = "SELECT body FROM messages WHERE session_key = ? ORDER BY id DESC LIMIT ?"
                 rows = c.execute(sql, (session_key, limit)).fetchall()[::-1]
-            return [converter.structure(json.loads(row[0]), Message) for row in rows]
+            return [message_from(row[0]) for row in rows]
 
         return await self._run(read)
 
     async def begin_run(self, record: RunRecord, prompt: Message) -> None:
         def write(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT 1 FROM runs WHERE run_id = ?", (record.run_id,))
+            if row.fetchone() is not None:
+                return  # begun already (a retry): never a second prompt
             _touch(c, record.session_key)
             _append(c, record.session_key, [prompt])
             _put_run(c, record)
@@ -241,12 +218,18 @@ class SQLiteStore:
         await self._transaction(write)
 
     async def checkpoint_runs(self, checkpoints: Mapping[str, str]) -> None:
+        # One statement for every run's fragment (a group commit): the runs are joined
+        # in SQL, so a tick costs one statement and one transaction however many stream.
         def write(c: sqlite3.Connection) -> None:
-            c.executemany(
-                "INSERT INTO checkpoints (run_id, fragment) SELECT ?, ? WHERE EXISTS "
-                "(SELECT 1 FROM runs WHERE run_id = ? AND status = 'running')",
-                [(run_id, fragment, run_id) for run_id, fragment in checkpoints.items()],
+            c.execute(
+                "INSERT INTO checkpoints (run_id, fragment) "
+                "SELECT j.key, j.value FROM json_each(?) AS j "
+                "JOIN runs ON runs.run_id = j.key AND runs.status = 'running'",
+                (json.dumps(checkpoints),),
             )
+
+        if not checkpoints:
+            return
 
         await self._transaction(write)
 
@@ -306,19 +289,15 @@ def _touch(c: sqlite3.Connection, session_key: str) -> None:
 def _append(c: sqlite3.Connection, session_key: str, items: Sequence[Message]) -> None:
     c.executemany(
         "INSERT INTO messages (session_key, run_id, body) VALUES (?, ?, ?)",
-        [
-            (session_key, m.meta.get("run_id"), json.dumps(converter.unstructure(m, Message)))
-            for m in items
-        ],
+        [(session_key, m.meta.get("run_id"), message_body(m)) for m in items],
     )
 
 
 def _put_run(c: sqlite3.Connection, record: RunRecord) -> None:
-    body = converter.unstructure(attrs.evolve(record, checkpoint=None))
     c.execute(
         "INSERT OR REPLACE INTO runs (run_id, session_key, status, body, checkpoint) "
         "VALUES (?, ?, ?, ?, ?)",
-        (record.run_id, record.session_key, record.status, json.dumps(body), record.checkpoint),
+        (record.run_id, record.session_key, record.status, record_body(record), record.checkpoint),
     )
 
 
@@ -327,21 +306,48 @@ _RECORD_SELECT = "SELECT run_id, session_key, status, body, checkpoint FROM runs
 
 def _record(c: sqlite3.Connection, row: Any) -> RunRecord:
     """A record from its row, with its checkpoint: the whole-state column of older
-    versions, then the fragments. A body that cannot be read (a corrupt row, a format
-    this version does not know) still gives a record, from the row's own columns, so
-    that recovery can close that run rather than refuse to start."""
+    versions, then the fragments."""
     run_id, session_key, status, body, legacy = row
     sql = "SELECT fragment FROM checkpoints WHERE run_id = ? ORDER BY id"
     fragments = [f for (f,) in c.execute(sql, (run_id,))]
-    checkpoint = "\n".join(f for f in (legacy, *fragments) if f) or None
+    return record_from(run_id, session_key, status, body, [legacy, *fragments])
+
+
+def _migrate(connection: sqlite3.Connection, where: str) -> None:
+    """Bring the schema to the newest version, in one transaction (see _migrations)."""
+    connection.execute("BEGIN IMMEDIATE")
     try:
-        record = converter.structure(json.loads(body), RunRecord)
-    except Exception as exc:
-        error = f"This run's record could not be read ({exc}); only its ids were kept."
-        record = RunRecord(
-            run_id=run_id, session_key=session_key, status=status, started_at=0.0, error=error
-        )
-    return attrs.evolve(record, checkpoint=checkpoint)
+        connection.execute(CREATE_VERSION_TABLE)
+        row = connection.execute("SELECT version FROM schema_version").fetchone()
+        current = 0 if row is None else int(row[0])
+        todo = pending("sqlite", current, where)
+        for migration in todo:
+            for statement in _statements(migration.sql):
+                connection.execute(statement)
+        if row is None:
+            connection.execute("INSERT INTO schema_version (version) VALUES (0)")
+        if todo:
+            connection.execute("UPDATE schema_version SET version = ?", (todo[-1].version,))
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements, one by one (executescript would commit the transaction)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        if not buffer and line.lstrip().startswith("--"):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
 
 
 async def _interrupt_at(connection: sqlite3.Connection, deadline: float) -> None:

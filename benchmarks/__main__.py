@@ -21,7 +21,8 @@ import trio
 
 from ._report import PLOTS, assemble, draw, machine, split
 
-# Run in this order by default; ON_REQUEST ones only when named (soak takes 10 minutes).
+# Run in this order by default; ON_REQUEST ones only when named (soak takes 10 minutes;
+# scale_out needs PostgreSQL and Redis installed).
 DEFAULT: Final = (
     "provider_close",
     "gateway_stop",
@@ -31,7 +32,7 @@ DEFAULT: Final = (
     "stop_commit",
     "mcp_stop",
 )
-ON_REQUEST: Final = ("soak",)
+ON_REQUEST: Final = ("soak", "scale_out")
 ROOT: Final = pathlib.Path(__file__).resolve().parent.parent
 REPORT: Final = ROOT / "BENCHMARKS.md"
 QUICK_REPORT: Final = ROOT / "bench-quick" / "BENCHMARKS.md"  # ignored by git

@@ -5,6 +5,9 @@ it at the next await (a provider socket read included) and a shielded stop commi
 the partial reply, repairs the history and emits exactly one terminal event.
 """
 
+from ._abort import AbortBus as AbortBus
+from ._abort import AbortResult as AbortResult
+from ._abort import LocalAbortBus as LocalAbortBus
 from ._bus import Subscription as Subscription
 from ._bus import SubscriptionOverflow as SubscriptionOverflow
 from ._errors import AbortRefused as AbortRefused
@@ -56,7 +59,6 @@ from ._model import ToolCallEnd as ToolCallEnd
 from ._model import ToolSpec as ToolSpec
 from ._model import TurnEnd as TurnEnd
 from ._model import UsageReport as UsageReport
-from ._runtime import AbortResult as AbortResult
 from ._runtime import Run as Run
 from ._runtime import RunSnapshot as RunSnapshot
 from ._runtime import Runtime as Runtime

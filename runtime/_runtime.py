@@ -23,6 +23,7 @@ from typing import Any, Literal, final
 import attrs
 import trio
 
+from ._abort import AbortBus, AbortResult, LocalAbortBus
 from ._bus import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES, EventBus, Subscription
 from ._context import MAX_HISTORY_READ, fit_context
 from ._errors import (
@@ -66,15 +67,6 @@ Phase = Literal["queued", "running", "committing", "done"]
 StopHook = Callable[["Run", list[Message], Any], "list[Message] | None"]
 
 STOP_COMMANDS = frozenset({"/stop", "stop"})
-
-
-@final
-@attrs.frozen
-class AbortResult:
-    aborted: bool
-    run_ids: tuple[str, ...]
-    # live runs the abort left alone because they were started with allow_cancel=False
-    refused: tuple[str, ...] = ()
 
 
 @final
@@ -217,6 +209,7 @@ class Runtime:
 
     model: Model
     store: Store = attrs.field(factory=MemoryStore)
+    abort_bus: AbortBus = attrs.field(factory=LocalAbortBus)  # see _abort: several processes
     tools: Sequence[Tool] = ()
     system: str | None = None
     thinking: bool = False
@@ -254,6 +247,7 @@ class Runtime:
 
     async def __aenter__(self) -> Runtime:
         async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self.abort_bus.open(self))  # left after the runs
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             if self.recover:
                 await self._recover_interrupted()
@@ -329,18 +323,29 @@ class Runtime:
         if run_id in self._unsettled:  # it ran; its record is not in the store yet
             raise RunExists(run_id, live=False)
         self._admitting[run_id] = trio.Event()
+        claimed = False
         try:
-            if await self.store.get_run(run_id) is not None:
-                raise RunExists(run_id, live=False)
+            if (recorded := await self.store.get_run(run_id)) is not None:
+                # running, yet not live here: live on another process sharing the store
+                raise RunExists(run_id, live=recorded.status == "running")
             settings = await self.store.get_settings(session_key)
+            # the last await: another process may own this id (see _abort)
+            claimed = await self.abort_bus.claim(run_id, session_key)
+            if not claimed:
+                raise RunExists(run_id, live=True)
+        except BaseException:
+            if claimed:  # the claim landed but the run will not be registered
+                self.abort_bus.released(run_id)
+            raise
         finally:
             self._admitting.pop(run_id).set()
         # From here to the end: no await, so admission and registration are atomic.
-        if self._closing:  # shutdown began while this admission awaited the store
-            raise RuntimeClosing()
         chain = self._sessions.get(session_key, [])
         policy = concurrency or settings.concurrency
-        if chain and policy == "reject":
+        if self._closing or (chain and policy == "reject"):
+            self.abort_bus.released(run_id)
+            if self._closing:  # shutdown began while this admission awaited the store
+                raise RuntimeClosing()
             raise SessionBusy(session_key, chain[0].run_id)
         run = Run(
             run_id,
@@ -364,6 +369,8 @@ class Runtime:
         if run._ahead:
             self._publish(run, RunQueued, prompt=message, behind=run._ahead[-1].run_id)
         self._nursery.start_soon(self._drive, run, name=f"run {run_id}")
+        if self.abort_bus.registered(run_id) and allow_cancel:  # an abort came first: it wins
+            self._abort_run(run, "rpc", None)
         return run
 
     def abort(
@@ -405,6 +412,24 @@ class Runtime:
         )
         return AbortResult(bool(aborted), aborted, refused)
 
+    async def abort_anywhere(
+        self,
+        run_id: str | None = None,
+        session_key: str | None = None,
+        *,
+        reason: str = "rpc",
+        stop_policy: StopPolicy | None = None,
+    ) -> AbortResult:
+        """``abort``, and where the run is not live here, on the process that owns it (see
+        ``abort_bus``): a run named by id that is live here is stopped here alone; a
+        session's runs are stopped on every process."""
+        here = self.abort(run_id, session_key, reason=reason, stop_policy=stop_policy)
+        if run_id is not None and run_id in self._runs:
+            return here
+        there = await self.abort_bus.abort_elsewhere(run_id, session_key, reason, stop_policy)
+        aborted = here.run_ids + there.run_ids
+        return AbortResult(bool(aborted), aborted, here.refused + there.refused)
+
     def subscribe(
         self,
         session_key: str | None = None,
@@ -420,6 +445,11 @@ class Runtime:
         bound = self.subscriber_max_bytes if max_bytes is None else max_bytes
         merge_after = self.subscriber_capacity if capacity is None else capacity
         return self._bus.subscribe(session_key, merge_after, bound)
+
+    def relay(self, event: Event) -> None:
+        """Hand this process's subscribers an event of a run on another process (the
+        abort bus relays them, so a client may follow a run from any process)."""
+        self._bus.publish(event)
 
     def get_run(self, run_id: str) -> Run | None:
         """The live or queued run with this id, if any."""
@@ -509,6 +539,7 @@ class Runtime:
             why = f"The run's result could not be saved within {self.commit_timeout} s."
             self._unsaved(run, plan, why)
         del self._runs[run.run_id]
+        self.abort_bus.released(run.run_id)
         chain = self._sessions[run.session_key]
         chain.remove(run)
         if not chain:
@@ -806,12 +837,22 @@ class Runtime:
         )
 
     async def _recover_interrupted(self) -> None:
-        """Close the runs a dead process left as running: each keeps its checkpointed
+        """Close the runs a dead process left as running (those no live process owns)."""
+        await self._close_records(await self.abort_bus.orphans(await self.store.running_runs()))
+
+    async def close_interrupted(self, run_ids: Sequence[str]) -> None:
+        """Close these runs of a dead process, if still recorded as running (the abort
+        bus calls this for a process it found dead; another may have closed them first)."""
+        records = [await self.store.get_run(run_id) for run_id in run_ids]
+        await self._close_records([r for r in records if r is not None and r.status == "running"])
+
+    async def _close_records(self, records: Sequence[RunRecord]) -> None:
+        """Close runs a dead process left as running: each keeps its checkpointed
         partial, marked interrupted, so the session's history is valid again. Each record
         is handled on its own: one that cannot be read (a corrupt checkpoint, an older
         format) is logged and closed as interrupted with nothing kept, and the service
         starts all the same."""
-        for record in await self.store.running_runs():
+        for record in records:
             meta = {"aborted": True, "origin": "interrupted", "run_id": record.run_id}
             try:
                 state = RunState.from_checkpoint(record.run_id, record.checkpoint or "")

@@ -530,7 +530,9 @@ class Connection:
         self._own(sessionKey=params.sessionKey, idempotencyKey=params.idempotencyKey)
         runtime = self.gateway.runtime
         if is_stop_command(params.message):
-            return _aborted(runtime.abort(session_key=params.sessionKey, reason="stop-command"))
+            return _aborted(
+                await runtime.abort_anywhere(session_key=params.sessionKey, reason="stop-command")
+            )
         if not params.message.strip():
             raise invalid("params.message is empty; there is nothing to send.")
         concurrency = None
@@ -581,7 +583,7 @@ class Connection:
             params.runId,
         )
         return _aborted(
-            self.gateway.runtime.abort(
+            await self.gateway.runtime.abort_anywhere(
                 run_id=params.runId, session_key=params.sessionKey, reason="rpc"
             )
         )
@@ -592,7 +594,7 @@ class Connection:
         runtime = self.gateway.runtime
         if params.runId is not None:
             return _aborted(
-                runtime.abort(run_id=params.runId, session_key=params.key, reason="rpc")
+                await runtime.abort_anywhere(run_id=params.runId, session_key=params.key)
             )
         if params.key is None:
             raise invalid("Name params.key (a session) or params.runId to abort.")

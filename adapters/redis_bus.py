@@ -1,0 +1,671 @@
+"""The abort bus on Redis (``coredis``, which runs on Trio through anyio): several gateway
+processes sharing one store, and a Stop that finds its run on any of them.
+
+Keys (under ``prefix``, ``trio-agent:`` by default; one Redis server, not a cluster: the
+scripts below touch keys they compute):
+
+- ``owner:{run}`` = the process id that owns the run, set (NX) by the claim before the run
+  registers, removed once its end is written. A second claim of the id fails: the same
+  idempotency key sent to two processes starts one run.
+- ``runs:{process}``: the runs a process owns; ``procs``: the processes that said hello.
+- ``session:{session}`` = the process that holds the session while it has live runs
+  (``sruns:{session}``; ``sessions:{process}``): a session's runs live on one process at a
+  time, so its history stays in order. A send for a session held by another live process
+  is refused (``SessionOnAnotherProcess``, a ``SessionBusy``: the gateway answers
+  UNAVAILABLE, retryable); the session is free again once its last run there ended.
+- ``alive:{process}``: the heartbeat, set every ``heartbeat`` seconds to expire after
+  ``alive_for``. A process whose key expired is dead: the first live process to notice
+  (every ``heartbeat``, it takes ``reap:{process}`` with NX) closes that process's runs as
+  interrupted in the store, their checkpointed partials kept, and removes its keys. So a
+  death is noticed within ``alive_for + heartbeat`` seconds (4 s by default).
+- ``abort:{run}``: the tombstone, set for ``tombstone_for`` seconds by an abort of a run
+  that is not live here. The claim reads it in the same script that sets the owner, so of
+  an abort and a start that race, either the start sees the tombstone (the run is stopped
+  as it registers) or the abort sees the owner (and asks it): the abort always wins.
+
+An abort of a run on another process: one script sets the tombstone and reads the owner
+and its heartbeat. No live owner: ``aborted: false`` at once. Otherwise the request is
+published on ``aborts``; the owner aborts the run in its runtime and answers on the
+asker's channel ``replies:{process}`` with what it did, which is what the asker answers
+(``aborted`` true only if the run was stopped). A session-wide abort is answered by every
+process that received it.
+
+Run events (``relay_events``, on by default): each process publishes its runs' events on
+``events:{session}`` (one script call per batch of what its subscription holds), and
+hands those of the other processes to its own subscribers (``Runtime.relay``), so a
+client may follow a run from any process, with the run's own ``seq``. Every process
+receives every session's events (a pattern subscription): following only the sessions
+its clients follow waits for the gateway's session-scoped delivery.
+
+Redis restarted (nothing persisted, so every key is gone): the pub/sub connection comes
+back by itself (coredis resubscribes), and the next heartbeat, finding that Redis no
+longer knows this process, owns its live runs again and stops those whose tombstone was
+set meanwhile. An abort sent while Redis is down fails (the gateway answers with an
+error); one sent after the restart but before the heartbeat finds no owner, answers
+``aborted: false`` and leaves its tombstone, which the heartbeat then finds: the run is
+stopped within ``heartbeat`` seconds all the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, final
+
+import attrs
+import coredis
+import coredis.exceptions
+import trio
+from coredis.retry import (
+    CompositeRetryPolicy,
+    ConstantRetryPolicy,
+    ExponentialBackoffRetryPolicy,
+)
+
+from runtime import (
+    AbortRefused,
+    AbortResult,
+    AgentRuntimeError,
+    Event,
+    RunRecord,
+    RunSessionMismatch,
+    Runtime,
+    SessionBusy,
+    SubscriptionOverflow,
+    converter,
+    is_terminal,
+)
+
+logger = logging.getLogger("adapters.redis_bus")
+# Failures are logged as strings: a kept log record must not keep a failed connection
+# (and the anyio streams coredis leaves in it) alive.
+
+# KEYS: owner:{run}, runs:{me}, abort:{run}, session:{s}, sessions:{me}, sruns:{s};
+# ARGV: me, run, alive prefix, session. Returns {1, tombstoned} when claimed, {0, ""} when
+# another process owns the run, {2, holder} when another live process holds the session.
+_CLAIM = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return {0, ''} end
+local holder = redis.call('GET', KEYS[4])
+if holder and holder ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. holder) == 1 then
+  return {2, holder}
+end
+redis.call('SET', KEYS[4], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[4])
+redis.call('SADD', KEYS[6], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+return {1, redis.call('EXISTS', KEYS[3])}
+"""
+# KEYS: runs:{me}, sessions:{me}; ARGV: me, prefix, then run id and session pairs. A
+# session whose last live run this was is no longer held.
+_RELEASE = """
+for i = 3, #ARGV, 2 do
+  local run, session = ARGV[i], ARGV[i + 1]
+  local key = ARGV[2] .. 'owner:' .. run
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+  redis.call('SREM', KEYS[1], run)
+  local sruns = ARGV[2] .. 'sruns:' .. session
+  redis.call('SREM', sruns, run)
+  local held = ARGV[2] .. 'session:' .. session
+  if redis.call('SCARD', sruns) == 0 and redis.call('GET', held) == ARGV[1] then
+    redis.call('DEL', held)
+    redis.call('SREM', KEYS[2], session)
+  end
+end
+return 1
+"""
+# KEYS: abort:{run}, owner:{run}; ARGV: tombstone ms, alive prefix. Returns a live owner.
+_TOMBSTONE = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+local owner = redis.call('GET', KEYS[2])
+if not owner then return false end
+if redis.call('EXISTS', ARGV[2] .. owner) == 0 then return false end
+return owner
+"""
+# KEYS: procs; ARGV: alive prefix, reap prefix, me, reap ms. Returns the dead ones to reap.
+_FIND_DEAD = """
+local dead = {}
+for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if proc ~= ARGV[3] and redis.call('EXISTS', ARGV[1] .. proc) == 0 then
+    if redis.call('SET', ARGV[2] .. proc, ARGV[3], 'NX', 'PX', ARGV[4]) then
+      table.insert(dead, proc)
+    end
+  end
+end
+return dead
+"""
+# KEYS: runs:{proc}, procs, reap:{proc}, alive:{proc}, sessions:{proc}; ARGV: proc, prefix.
+_FORGET = """
+for _, run in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[2] .. 'owner:' .. run
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+for _, session in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  local held = ARGV[2] .. 'session:' .. session
+  if redis.call('GET', held) == ARGV[1] then
+    redis.call('DEL', held, ARGV[2] .. 'sruns:' .. session)
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+# KEYS: alive:{me}, procs; ARGV: me, alive ms. Returns 1 when Redis did not know us.
+_BEAT = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+return redis.call('SADD', KEYS[2], ARGV[1])
+"""
+# KEYS: runs:{me}, sessions:{me}; ARGV: me, prefix, then run id and session pairs.
+# Returns the tombstoned run ids.
+_RECLAIM = """
+local tombstoned = {}
+for i = 3, #ARGV, 2 do
+  local run, session = ARGV[i], ARGV[i + 1]
+  redis.call('SET', ARGV[2] .. 'owner:' .. run, ARGV[1])
+  redis.call('SADD', KEYS[1], run)
+  redis.call('SET', ARGV[2] .. 'session:' .. session, ARGV[1])
+  redis.call('SADD', KEYS[2], session)
+  redis.call('SADD', ARGV[2] .. 'sruns:' .. session, run)
+  if redis.call('EXISTS', ARGV[2] .. 'abort:' .. run) == 1 then table.insert(tombstoned, run) end
+end
+return tombstoned
+"""
+# KEYS: channels...; ARGV: messages, one per channel.
+_PUBLISH_ALL = """
+for i, channel in ipairs(KEYS) do redis.call('PUBLISH', channel, ARGV[i]) end
+return #KEYS
+"""
+# KEYS: owner:{run}...; ARGV: alive prefix. Returns 1 per run whose owner is alive.
+_OWNED = """
+local result = {}
+for i, key in ipairs(KEYS) do
+  local owner = redis.call('GET', key)
+  if owner and redis.call('EXISTS', ARGV[1] .. owner) == 1 then
+    result[i] = 1
+  else
+    result[i] = 0
+  end
+end
+return result
+"""
+
+
+class RedisBusError(Exception):
+    """Redis could not be used; the message says why and what to do."""
+
+
+class SessionOnAnotherProcess(SessionBusy):
+    """A send for a session whose runs live on another process: a session's runs live on
+    one process at a time (so that its history stays in order), and this one is busy
+    there. The gateway answers it UNAVAILABLE, retryable, like any busy session."""
+
+    def __init__(self, session_key: str, process_id: str) -> None:
+        AgentRuntimeError.__init__(
+            self,
+            f"The session {session_key!r} has a run in progress on another gateway process "
+            f"({process_id}); send there, or once that run has ended.",
+        )
+        self.live_run_id = ""
+        self.process_id = process_id
+
+
+# coredis's default backs off up to 16 s: a stop must not wait that long after a restart
+_RESUBSCRIBE = CompositeRetryPolicy(
+    ExponentialBackoffRetryPolicy(
+        (coredis.exceptions.ConnectionError,), retries=None, base_delay=0.05, max_delay=1.0,
+        jitter=True,
+    ),
+    ConstantRetryPolicy((TimeoutError,), retries=2, delay=0.1),
+)  # fmt: skip
+RESEND_AFTER = 0.25  # seconds without an answer before an abort request is sent again
+ANSWERS_KEPT = 1000  # answers kept by request id, for requests sent again
+RELAY_MAX_BYTES = 64 * 1024 * 1024  # run events waiting to be published, at most
+
+
+@final
+@attrs.define(eq=False)
+class _Waiter:
+    expected: int | None = None
+    # by process: the first answer of each (a request sent again may be answered twice)
+    replies: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+    def check(self) -> None:
+        if self.expected is not None and len(self.replies) >= self.expected:
+            self.done.set()
+
+
+@final
+@attrs.define(eq=False)
+class RedisAbortBus:
+    """``Runtime(..., abort_bus=RedisAbortBus("redis://..."))``: see the module docstring.
+
+    ``url`` is ``redis://host:port/db`` or ``unix:///path/to/redis.sock``."""
+
+    url: str
+    prefix: str = "trio-agent:"
+    heartbeat: float = 1.0
+    alive_for: float = 3.0
+    tombstone_for: float = 60.0
+    reply_timeout: float = 2.0
+    relay_events: bool = True
+    process_id: str = attrs.field(factory=lambda: uuid.uuid4().hex[:16])
+    _client: Any = attrs.field(default=None, init=False)
+    _runtime: Runtime | None = attrs.field(default=None, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    _claiming: set[str] = attrs.field(factory=set, init=False)  # claimed, not registered
+    _pending: set[str] = attrs.field(factory=set, init=False)  # to stop as they register
+    _waiters: dict[str, _Waiter] = attrs.field(factory=dict, init=False)
+    _to_release: list[tuple[str, str]] = attrs.field(factory=list, init=False)  # run, session
+    _run_sessions: dict[str, str] = attrs.field(factory=dict, init=False)  # claimed runs
+    _release_wanted: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
+    _tasks: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _answered: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)  # by request
+    _remote_runs: set[str] = attrs.field(factory=set, init=False)  # their events relayed here
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    @property
+    def _aborts_channel(self) -> str:
+        return self._key("aborts")
+
+    def _replies_channel(self, process_id: str) -> str:
+        return self._key("replies", process_id)
+
+    # -- the AbortBus port ---------------------------------------------------------
+
+    @asynccontextmanager
+    async def open(self, runtime: Runtime) -> AsyncIterator[RedisAbortBus]:
+        async with coredis.Redis.from_url(self.url, decode_responses=True) as client:
+            self._client, self._runtime = client, runtime
+            for name, source in (
+                ("claim", _CLAIM),
+                ("release", _RELEASE),
+                ("tombstone", _TOMBSTONE),
+                ("find_dead", _FIND_DEAD),
+                ("forget", _FORGET),
+                ("owned", _OWNED),
+                ("beat", _BEAT),
+                ("reclaim", _RECLAIM),
+                ("publish_all", _PUBLISH_ALL),
+            ):
+                self._scripts[name] = client.register_script(source)
+            try:
+                await self._beat_once()
+            except (coredis.exceptions.RedisError, OSError) as exc:
+                raise RedisBusError(
+                    f"Redis at {self.url} could not be reached ({exc}). Start it, or check "
+                    "the URL given to --bus."
+                ) from exc
+            channels = [self._aborts_channel, self._replies_channel(self.process_id)]
+            patterns = [self._key("events", "*")] if self.relay_events else []
+            async with (
+                client.pubsub(
+                    channels=channels,
+                    patterns=patterns,
+                    ignore_subscribe_messages=True,
+                    retry_policy=_RESUBSCRIBE,
+                ) as pubsub,
+                trio.open_nursery() as nursery,
+            ):
+                self._nursery = nursery
+                nursery.start_soon(self._work, pubsub)
+                try:
+                    yield self
+                finally:
+                    with trio.move_on_after(5, shield=True):
+                        await self._release_now()
+                        await self._forget(self.process_id)  # a clean exit: no one reaps us
+                    nursery.cancel_scope.cancel()
+                    self._nursery = None
+
+    async def claim(self, run_id: str, session_key: str) -> bool:
+        self._claiming.add(run_id)
+        self._run_sessions[run_id] = session_key
+        try:
+            claimed, tombstoned = await self._scripts["claim"](
+                [
+                    self._key("owner", run_id),
+                    self._key("runs", self.process_id),
+                    self._key("abort", run_id),
+                    self._key("session", session_key),
+                    self._key("sessions", self.process_id),
+                    self._key("sruns", session_key),
+                ],
+                [self.process_id, run_id, self._key("alive", ""), session_key],
+            )
+        except BaseException:
+            self.released(run_id)  # the script may have run: undo it, if it did
+            raise
+        if claimed != 1:
+            self._claiming.discard(run_id)
+            del self._run_sessions[run_id]
+            if claimed == 2:
+                raise SessionOnAnotherProcess(session_key, str(tombstoned))
+            return False
+        if tombstoned:
+            logger.info("run %s was aborted before it started: it is stopped now", run_id)
+            self._pending.add(run_id)
+        return True
+
+    def registered(self, run_id: str) -> bool:
+        self._claiming.discard(run_id)
+        if run_id in self._pending:
+            self._pending.discard(run_id)
+            return True
+        return False
+
+    def released(self, run_id: str) -> None:
+        self._claiming.discard(run_id)
+        self._pending.discard(run_id)
+        session_key = self._run_sessions.pop(run_id, None)
+        if session_key is not None:
+            self._to_release.append((run_id, session_key))
+            self._release_wanted.set()
+
+    async def abort_elsewhere(
+        self,
+        run_id: str | None,
+        session_key: str | None,
+        reason: str,
+        stop_policy: str | None,
+    ) -> AbortResult:
+        owner: str | None = None
+        if run_id is not None:
+            owner = await self._scripts["tombstone"](
+                [self._key("abort", run_id), self._key("owner", run_id)],
+                [round(self.tombstone_for * 1000), self._key("alive", "")],
+            )
+            if owner == self.process_id and run_id in self._claiming:
+                self._pending.add(run_id)  # being claimed here: stopped as it registers
+                return AbortResult(True, (run_id,))
+            if owner is None or owner == self.process_id:
+                return AbortResult(False, ())
+        request_id = uuid.uuid4().hex
+        request = {
+            "id": request_id,
+            "from": self.process_id,
+            "owner": owner,
+            "run_id": run_id,
+            "session_key": session_key,
+            "reason": reason,
+            "stop_policy": stop_policy,
+        }
+        waiter = self._waiters[request_id] = _Waiter()
+        try:
+            # Sent again until answered: a message published while the owner's
+            # subscription reconnects is lost (aborting twice is harmless).
+            with trio.move_on_after(self.reply_timeout):
+                while True:
+                    receivers = await self._client.publish(
+                        self._aborts_channel, json.dumps(request)
+                    )
+                    if waiter.expected is None:
+                        waiter.expected = 1 if owner is not None else max(receivers - 1, 0)
+                        waiter.check()
+                    with trio.move_on_after(RESEND_AFTER):
+                        await waiter.done.wait()
+                    if waiter.done.is_set():
+                        break
+        finally:
+            del self._waiters[request_id]
+        if not waiter.done.is_set():
+            logger.warning(
+                "abort of run=%s session=%s: %d of %s processes answered in %g s",
+                run_id,
+                session_key,
+                len(waiter.replies),
+                waiter.expected,
+                self.reply_timeout,
+            )
+        aborted: list[str] = []
+        refused: list[str] = []
+        for reply in waiter.replies.values():
+            if reply.get("error") == "mismatch" and run_id is not None and session_key:
+                raise RunSessionMismatch(run_id, session_key)
+            if reply.get("error") == "refused" and run_id is not None:
+                raise AbortRefused(run_id)
+            aborted += [r for r in reply.get("aborted", []) if r not in aborted]
+            refused += [r for r in reply.get("refused", []) if r not in refused]
+        return AbortResult(bool(aborted), tuple(aborted), tuple(refused))
+
+    async def orphans(self, records: Sequence[RunRecord]) -> list[RunRecord]:
+        if not records:
+            return []
+        owned = await self._scripts["owned"](
+            [self._key("owner", r.run_id) for r in records], [self._key("alive", "")]
+        )
+        return [r for r, alive in zip(records, owned, strict=True) if not alive]
+
+    # -- the tasks -------------------------------------------------------------------
+
+    async def _work(self, pubsub: Any) -> None:
+        """The bus's tasks, under a scope of their own (``_tasks``: cancelling it stops
+        the heartbeat as a death would, which the tests use)."""
+        with self._tasks:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen, pubsub)
+                nursery.start_soon(self._beat)
+                nursery.start_soon(self._watch)
+                nursery.start_soon(self._release_loop)
+                if self.relay_events:
+                    nursery.start_soon(self._publish_events)
+
+    async def _listen(self, pubsub: Any) -> None:
+        while True:
+            # The iteration ends when the connection drops; coredis reconnects and
+            # subscribes again by itself, and then the next iteration goes on.
+            async for message in pubsub:
+                try:
+                    data = json.loads(message["data"])
+                    if message.get("pattern"):
+                        self._on_event(data)
+                    elif message["channel"] == self._aborts_channel:
+                        self._on_abort(data)
+                    elif (waiter := self._waiters.get(data.get("id"))) is not None:
+                        waiter.replies.setdefault(data["from"], data)
+                        waiter.check()
+                except Exception:
+                    logger.exception("a bus message could not be handled: %r", message)
+            await trio.sleep(0.05)
+
+    def _on_event(self, data: dict[str, Any]) -> None:
+        if data["from"] == self.process_id:
+            return
+        assert self._runtime is not None
+        event: Event = converter.structure(data["event"], Event)  # type: ignore[arg-type]
+        self._remote_runs.add(event.run_id)  # so _publish_events does not send it back
+        self._runtime.relay(event)
+
+    async def _publish_events(self) -> None:
+        """Publish this process's runs' events, a batch (all the subscription holds) per
+        script call; events relayed from other processes are not sent back."""
+        assert self._runtime is not None
+        while True:
+            with self._runtime.subscribe(max_bytes=RELAY_MAX_BYTES) as events:
+                try:
+                    async for first in events:
+                        batch = [first]
+                        while (more := events.receive_nowait()) is not None:
+                            batch.append(more)
+                        await self._publish_batch(batch)
+                except SubscriptionOverflow:
+                    logger.warning(
+                        "run events were not relayed fast enough (Redis slow?): some were "
+                        "dropped for clients on other processes"
+                    )
+
+    async def _publish_batch(self, batch: list[Event]) -> None:
+        channels, messages = [], []
+        for event in batch:
+            if event.run_id in self._remote_runs:
+                if is_terminal(event):
+                    self._remote_runs.discard(event.run_id)
+                continue
+            channels.append(self._key("events", event.session_key))
+            messages.append(
+                json.dumps({"from": self.process_id, "event": converter.unstructure(event, Event)})
+            )
+        if channels:
+            try:
+                await self._scripts["publish_all"](channels, messages)
+            except Exception as exc:
+                logger.warning("run events could not be relayed: %s", str(exc))
+
+    def _on_abort(self, request: dict[str, Any]) -> None:
+        """An abort request from another process: act at once (no await), answer after."""
+        if request["from"] == self.process_id:
+            return
+        run_id, session_key = request.get("run_id"), request.get("session_key")
+        if run_id is not None and request.get("owner") != self.process_id:
+            return  # the asker asks the owner only
+        assert self._runtime is not None and self._nursery is not None
+        if (answered := self._answered.get(request["id"])) is not None:  # sent again:
+            self._nursery.start_soon(self._publish_reply, request["from"], answered)
+            return  # the same answer (acting again would find the run stopping: "false")
+        reply: dict[str, Any] = {"id": request["id"], "from": self.process_id}
+        try:
+            if run_id is not None and self._runtime.get_run(run_id) is None:
+                if run_id in self._claiming:
+                    self._pending.add(run_id)
+                    result = AbortResult(True, (run_id,))
+                else:
+                    result = AbortResult(False, ())
+            else:
+                result = self._runtime.abort(
+                    run_id,
+                    session_key,
+                    reason=request.get("reason") or "rpc",
+                    stop_policy=request.get("stop_policy"),
+                )
+        except RunSessionMismatch:
+            reply["error"] = "mismatch"
+        except AbortRefused:
+            reply["error"] = "refused"
+        else:
+            reply |= {"aborted": list(result.run_ids), "refused": list(result.refused)}
+            if result.aborted:
+                logger.info(
+                    "abort from process %s: stopped %s", request["from"], ",".join(result.run_ids)
+                )
+        self._answered[request["id"]] = reply
+        while len(self._answered) > ANSWERS_KEPT:
+            del self._answered[next(iter(self._answered))]
+        self._nursery.start_soon(self._publish_reply, request["from"], reply)
+
+    async def _publish_reply(self, to: str, reply: dict[str, Any]) -> None:
+        try:
+            await self._client.publish(self._replies_channel(to), json.dumps(reply))
+        except Exception as exc:
+            logger.warning("an abort's answer could not be sent to %s: %s", to, str(exc))
+
+    async def _beat_once(self) -> bool:
+        """Say this process is alive; True when Redis had forgotten it (a restart, a
+        flush): then the owner keys of its live runs are gone too."""
+        return bool(
+            await self._scripts["beat"](
+                [self._key("alive", self.process_id), self._key("procs")],
+                [self.process_id, round(self.alive_for * 1000)],
+            )
+        )
+
+    async def _reclaim(self) -> None:
+        """After Redis forgot this process: own its live runs again, and stop those whose
+        tombstone was set meanwhile (an abort sent while the owner key was missing)."""
+        assert self._runtime is not None
+        runs = self._runtime.live_runs()
+        if not runs:
+            return
+        tombstoned = await self._scripts["reclaim"](
+            [self._key("runs", self.process_id), self._key("sessions", self.process_id)],
+            [self.process_id, self.prefix, *(p for r in runs for p in (r.run_id, r.session_key))],
+        )
+        for run_id in tombstoned:
+            with contextlib.suppress(AbortRefused):  # started with allow_cancel=False
+                self._runtime.abort(run_id, reason="rpc")
+        logger.warning(
+            "Redis had forgotten this process (restarted?): %d live runs owned again, %d "
+            "stopped by an abort sent meanwhile",
+            len(runs),
+            len(tombstoned),
+        )
+
+    async def _beat(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat)
+            try:
+                if await self._beat_once():
+                    await self._reclaim()
+            except Exception as exc:
+                logger.warning("heartbeat failed (Redis unreachable?): %s", str(exc))
+
+    async def _watch(self) -> None:
+        """Find dead processes and close their runs (see the module docstring)."""
+        assert self._runtime is not None
+        while True:
+            await trio.sleep(self.heartbeat)
+            try:
+                dead = await self._scripts["find_dead"](
+                    [self._key("procs")],
+                    [
+                        self._key("alive", ""),
+                        self._key("reap", ""),
+                        self.process_id,
+                        round(max(30.0, 10 * self.alive_for) * 1000),
+                    ],
+                )
+                for process_id in dead:
+                    run_ids = sorted(await self._client.smembers(self._key("runs", process_id)))
+                    logger.warning(
+                        "process %s is dead (no heartbeat for %g s): closing its runs %s",
+                        process_id,
+                        self.alive_for,
+                        ",".join(run_ids) or "(none)",
+                    )
+                    await self._runtime.close_interrupted(run_ids)
+                    await self._forget(process_id)
+            except Exception as exc:  # Redis or the store unreachable: try again later
+                logger.warning("looking for dead processes failed: %s", str(exc))
+
+    async def _forget(self, process_id: str) -> None:
+        await self._scripts["forget"](
+            [
+                self._key("runs", process_id),
+                self._key("procs"),
+                self._key("reap", process_id),
+                self._key("alive", process_id),
+                self._key("sessions", process_id),
+            ],
+            [process_id, self.prefix],
+        )
+
+    async def _release_loop(self) -> None:
+        while True:
+            await self._release_wanted.wait()
+            try:
+                await self._release_now()
+            except Exception as exc:
+                logger.warning("releasing runs failed, to be retried: %s", str(exc))
+                await trio.sleep(self.heartbeat)
+
+    async def _release_now(self) -> None:
+        self._release_wanted = trio.Event()
+        batch, self._to_release = self._to_release, []
+        if not batch:
+            return
+        try:
+            await self._scripts["release"](
+                [self._key("runs", self.process_id), self._key("sessions", self.process_id)],
+                [self.process_id, self.prefix, *(part for pair in batch for part in pair)],
+            )
+        except BaseException:
+            self._to_release[:0] = batch
+            self._release_wanted.set()
+            raise

@@ -1,0 +1,269 @@
+"""The Redis abort bus with two runtimes in one process sharing one store: the races of
+claims, tombstones and replies, fast; test_scale_out.py runs the same across processes."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from adapters.redis_bus import RedisAbortBus, RedisBusError, SessionOnAnotherProcess
+from runtime import (
+    MemoryStore,
+    RunCancelled,
+    RunExists,
+    RunRecord,
+    Runtime,
+    ScriptedModel,
+    TextDelta,
+    text_turn,
+    validate_history,
+)
+from tests.services import Redis, redis_fixture  # noqa: F401 (the fixture)
+
+
+@pytest.fixture
+def coredis_garbage() -> Iterator[None]:
+    """coredis 6.9 leaves the anyio memory streams of a connection that failed to open for
+    the garbage collector (ResourceWarning "Unclosed MemoryObjectSendStream"): not ours to
+    close. Collected here, after the test's trio.run, under the test's warning filter, not
+    in a later test."""
+    yield
+    gc.collect()
+
+
+def slow_model() -> ScriptedModel:
+    return ScriptedModel.from_turns(*[text_turn(*["w "] * 2000, pause=0.01)] * 4)
+
+
+@asynccontextmanager
+async def runtime(store: MemoryStore, redis: Redis, **bus: float) -> AsyncIterator[Runtime]:
+    async with Runtime(
+        model=slow_model(), store=store, abort_bus=RedisAbortBus(redis.url, **bus)
+    ) as rt:
+        yield rt
+
+
+async def first_delta(rt: Runtime, run_id: str) -> None:
+    with rt.subscribe() as events:
+        if (run := rt.get_run(run_id)) is not None and run.text:
+            return
+        async for event in events:
+            if isinstance(event, TextDelta) and event.run_id == run_id:
+                return
+
+
+async def test_an_abort_reaches_the_owner_and_tells_the_truth(redis: Redis) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with runtime(store, redis) as a, runtime(store, redis) as b:
+            run = await a.start_run("s", "q", "r1")
+            await first_delta(a, "r1")
+            result = await b.abort_anywhere("r1", "s")
+            assert (result.aborted, result.run_ids) == (True, ("r1",))
+            assert isinstance(await run.wait(), RunCancelled)
+            # finished now: no owner, answered without asking anyone
+            assert (await b.abort_anywhere("r1", "s")).aborted is False
+            # a session-wide abort stops the session's runs on every process
+            one = await a.start_run("t", "q", "r2")
+            two = await b.start_run("u", "q", "r3")
+            await first_delta(a, "r2")
+            result = await b.abort_anywhere(session_key="t")
+            assert result.run_ids == ("r2",)
+            assert isinstance(await one.wait(), RunCancelled)
+            assert two.phase == "running"
+            b.abort("r3")
+            await two.wait()
+
+
+async def test_a_claimed_id_is_not_started_twice(redis: Redis) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with runtime(store, redis) as a, runtime(store, redis) as b:
+            started: list[str] = []
+            refused: list[str] = []
+
+            async def start(rt: Runtime, name: str) -> None:
+                try:
+                    await rt.start_run("s", "q", "same")
+                except RunExists as exists:
+                    assert exists.live
+                    refused.append(name)
+                else:
+                    started.append(name)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(start, a, "a")
+                nursery.start_soon(start, b, "b")
+            assert len(started) == 1 and len(refused) == 1
+            owner = a if started == ["a"] else b
+            assert (await owner.abort_anywhere("same", "s")).aborted
+
+
+class SlowClaim:
+    """A RedisAbortBus whose claim, once it landed, waits for ``gate`` before returning."""
+
+    def __init__(self, inner: RedisAbortBus) -> None:
+        self.inner, self.gate = inner, trio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def claim(self, run_id: str, session_key: str) -> bool:
+        claimed = await self.inner.claim(run_id, session_key)
+        await self.gate.wait()
+        return claimed
+
+
+async def test_an_abort_while_the_run_is_being_claimed_still_wins(redis: Redis) -> None:
+    """The abort reads the owner after the claim set it, and reaches the owner before
+    its start_run registered the run: the run is stopped as it registers."""
+    store = MemoryStore()
+    bus = SlowClaim(RedisAbortBus(redis.url))
+    with trio.fail_after(30):
+        async with (
+            Runtime(model=slow_model(), store=store, abort_bus=bus) as a,
+            runtime(store, redis) as b,
+        ):
+            runs = []
+
+            async def start() -> None:
+                runs.append(await a.start_run("s", "q", "r1"))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(start)
+                while not await redis_has(bus.inner, "owner:r1"):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                result = await b.abort_anywhere("r1", "s")
+                assert result.aborted is True
+                bus.gate.set()
+            assert isinstance(await runs[0].wait(), RunCancelled)
+            assert runs[0].text == ""
+
+
+async def redis_has(bus: RedisAbortBus, key: str) -> bool:
+    return bool(await bus._client.exists([bus.prefix + key]))
+
+
+async def test_a_starting_process_leaves_a_live_processs_runs_alone(redis: Redis) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with runtime(store, redis) as a:
+            run = await a.start_run("s", "q", "r1")
+            await first_delta(a, "r1")
+            # a run left by a dead process (no owner at all): the newcomer closes it
+            dead = RunRecord(run_id="old", session_key="o", status="running", started_at=0)
+            await store.begin_run(dead, _prompt("old"))
+            async with runtime(store, redis) as b:
+                assert (await store.get_run("old")).status == "interrupted"
+                assert (await store.get_run("r1")).status == "running"
+                assert run.phase == "running"
+                assert (await b.abort_anywhere("r1", "s")).aborted
+            assert isinstance(await run.wait(), RunCancelled)
+
+
+async def test_a_dead_process_is_noticed_and_its_runs_closed(redis: Redis) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with runtime(store, redis, heartbeat=0.2, alive_for=0.6) as b:
+            a_bus = RedisAbortBus(redis.url, heartbeat=0.2, alive_for=0.6)
+            async with Runtime(model=slow_model(), store=store, abort_bus=a_bus) as a:
+                run = await a.start_run("s", "q", "r1")
+                await first_delta(a, "r1")
+                await trio.sleep(0.5)  # a checkpoint or two
+                # its heartbeat stops, as if the process had died (or hung for too long)
+                a_bus._tasks.cancel()
+                stopped = trio.current_time()
+                while (await store.get_run("r1")).status == "running":  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                assert trio.current_time() - stopped < 0.6 + 0.2 + 1.0
+                history = await store.history("s")
+                assert history[-1].meta["origin"] == "interrupted" and history[-1].text
+                # the "dead" process's own commit, when it comes, finds the run closed
+                a.abort("r1")
+                await run.wait()
+            assert [m.role for m in await store.history("s")] == ["user", "assistant"]
+            assert (await store.get_run("r1")).status == "interrupted"
+            later = await b.start_run("s", "again", "r2")
+            b.abort("r2")
+            await later.wait()
+
+
+def _prompt(run_id: str):  # type: ignore[no-untyped-def]
+    from runtime import Message, TextBlock
+
+    return Message("user", (TextBlock("q"),), 0, {"run_id": run_id})
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_redis_unreachable_is_one_sentence(tmp_path, coredis_garbage) -> None:
+    bus = RedisAbortBus(f"unix://{tmp_path}/none.sock")
+    model = ScriptedModel.from_turns(text_turn("x"))
+    with trio.fail_after(30), pytest.raises(BaseException) as caught:
+        async with Runtime(model=model, abort_bus=bus):
+            pass
+    error = caught.value
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert isinstance(error, RedisBusError) and "could not be reached" in str(error)
+    del caught, error
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_after_a_redis_restart_the_owner_is_found_again(
+    redis: Redis, coredis_garbage: None
+) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with (
+            runtime(store, redis, heartbeat=0.2) as a,
+            runtime(store, redis, heartbeat=0.2) as b,
+        ):
+            first = await a.start_run("s", "q", "r1")
+            second = await a.start_run("t", "q", "r2")
+            await first_delta(a, "r1")
+            redis.stop()
+            await trio.sleep(0.5)  # heartbeats fail meanwhile; the runs go on
+            redis.start()  # empty: every key is gone
+            # an abort before A's heartbeat came back: no owner, but the tombstone stays
+            early = await b.abort_anywhere("r2", "t")
+            assert isinstance(await second.wait(), RunCancelled)  # the heartbeat found it
+            assert early.aborted in (True, False)  # whichever came first, the run stopped
+            # and once the heartbeat came back, the owner answers
+            result = await b.abort_anywhere("r1", "s")
+            assert (result.aborted, result.run_ids) == (True, ("r1",))
+            assert isinstance(await first.wait(), RunCancelled)
+
+
+async def test_a_sessions_runs_live_on_one_process_at_a_time(redis: Redis) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with runtime(store, redis) as a, runtime(store, redis) as b:
+            run = await a.start_run("s", "q", "r1")
+            with pytest.raises(SessionOnAnotherProcess, match="on another gateway process"):
+                await b.start_run("s", "q", "r2")
+            assert await store.get_run("r2") is None  # nothing of it was written
+            queued = await a.start_run("s", "q", "r3")  # the holder queues it as usual
+            await b.start_run("t", "q", "r4")  # another session is free
+            b.abort("r4")
+            a.abort(session_key="s")
+            await run.wait()
+            await queued.wait()
+            with trio.fail_after(5):  # released once its last run there ended
+                while True:
+                    try:
+                        later = await b.start_run("s", "q", "r5")
+                    except SessionOnAnotherProcess:
+                        await trio.sleep(0.01)
+                    else:
+                        break
+            b.abort("r5")
+            assert isinstance(await later.wait(), RunCancelled)
+            history = await store.history("s")
+            validate_history(history)
+            prompts = [m.meta["run_id"] for m in history if m.role == "user"]
+            assert prompts == [r for r in ("r1", "r3", "r5") if r in prompts]
