@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -145,13 +146,16 @@ async def open_client(
 
 @asynccontextmanager
 async def open_raw(
-    port: int, *, graceful: bool = True
+    port: int, *, graceful: bool = True, receive_buffer: int | None = None
 ) -> AsyncIterator[tuple[WebSocketConnection, list[Frame]]]:
     """A handshaken connection that reads nothing more unless told (queue of one frame).
-    On exit it closes the WebSocket (``graceful``), or just drops the TCP connection, as a
-    client that stopped reading and went away does."""
+    ``receive_buffer`` shrinks its socket's buffer, so that the gateway's writes to it
+    block soon. On exit it closes the WebSocket (``graceful``), or just drops the TCP
+    connection, as a client that stopped reading and went away does."""
     async with trio.open_nursery() as nursery:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if receive_buffer is not None:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         async with stream:
             ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/", message_queue_size=1)
             frames = [json.loads(await ws.get_message())]  # connect.challenge

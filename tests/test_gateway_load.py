@@ -8,20 +8,15 @@ Time bounds are generous guards against a hang, never timing claims.
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
-from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from runtime import Event, RunCancelled, TextDelta
 from runtime._bus import EventBus
-from tests.gateway_client import Client, Frame, connect_params, open_client
+from tests.gateway_client import Client, open_client, open_raw
 from tests.gateway_stack import running_gateway, send
-from tests.test_gateway_robustness import open_raw
 
 BOUND = 60
 
@@ -272,25 +267,6 @@ async def test_a_connection_that_cannot_keep_up_gets_merged_deltas_and_the_exact
 # -- stops first ---------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def open_stalled(port: int) -> AsyncIterator[tuple[WebSocketConnection, list[Frame]]]:
-    """A handshaken connection that reads nothing unless told, with a small receive buffer
-    so that the gateway's writes to it block soon (its events then wait in its buffer)."""
-    async with trio.open_nursery() as nursery:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        async with stream:
-            ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/", message_queue_size=1)
-            frames = [json.loads(await ws.get_message())]  # connect.challenge
-            connect = {"type": "req", "id": "c", "method": "connect", "params": connect_params()}
-            await ws.send_message(json.dumps(connect))
-            frames.append(json.loads(await ws.get_message()))  # hello-ok
-            yield ws, frames
-            with trio.move_on_after(2):
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
-
-
 async def test_a_stops_reply_and_its_runs_end_overtake_other_runs_waiting_deltas(
     stack, monkeypatch
 ) -> None:
@@ -301,7 +277,10 @@ async def test_a_stops_reply_and_its_runs_end_overtake_other_runs_waiting_deltas
         EventBus, "publish", lambda bus, event: (published.append(event), publish(bus, event))
     )
     with trio.fail_after(120):
-        async with open_stalled(port) as (stalled, seen), open_client(port) as sender:
+        async with (
+            open_raw(port, receive_buffer=4096) as (stalled, seen),
+            open_client(port) as sender,
+        ):
             conn_id = seen[-1]["payload"]["server"]["connId"]
             (connection,) = [c for c in gateway.connections if c.conn_id == conn_id]
             events = connection._events
