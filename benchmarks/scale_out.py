@@ -25,17 +25,14 @@ import trio
 from adapters.postgres_store import PostgresStore
 from adapters.sqlite_store import SQLiteStore
 from runtime import (
-    Pause,
-    RunCancelled,
     Runtime,
     ScriptedModel,
-    TextChunk,
-    TextDelta,
     text_turn,
 )
 
 from ._gateway import Client, gateway_process, open_client
 from ._report import Section, Summary, ms
+from .stop_commit import stop_timings
 
 SLOW: Final = "Tell me.\n#sim words=5000 rate=200"
 WORDS: Final = (100, 1000)
@@ -63,27 +60,9 @@ async def stop_latency(a: Client, b: Client, stopper: Client, trials: int) -> Su
 
 
 async def commit_latency(url: str, words: int, trials: int) -> Summary:
-    turn: list[TextChunk | Pause] = [TextChunk(f"w{index} ") for index in range(words)]
-    turn.append(Pause(3600))
-    commits = []
     async with PostgresStore(url) as store:
-        async with Runtime(model=ScriptedModel.from_turns(turn), store=store) as runtime:
-            for trial in range(trials):
-                session = f"commit-{words}-{trial}"
-                with trio.fail_after(30), runtime.subscribe(session) as events:
-                    run = await runtime.start_run(session, "Go.")
-                    streamed = 0
-                    async for event in events:
-                        streamed += isinstance(event, TextDelta)
-                        if streamed >= words:
-                            break
-                    await trio.sleep(0.02)
-                    runtime.abort(run_id=run.run_id)
-                    event = await run.wait()
-                if not isinstance(event, RunCancelled) or event.timings is None:
-                    raise RuntimeError(f"the run ended {type(event).__name__}, not cancelled")
-                commits.append(event.timings.committed_ms - event.timings.scope_exited_ms)
-    return Summary.of(commits)
+        commits, _ = await stop_timings(store, words, trials)
+    return commits
 
 
 @attrs.define(eq=False)

@@ -46,27 +46,32 @@ async def open_store(kind: str) -> AsyncIterator[Store]:
 
 async def measure(kind: str, words: int, trials: int) -> tuple[Summary, Summary]:
     """(commit ms, abort-to-committed ms) over ``trials`` stops of a ``words``-word partial."""
+    async with open_store(kind) as store:
+        return await stop_timings(store, words, trials)
+
+
+async def stop_timings(store: Store, words: int, trials: int) -> tuple[Summary, Summary]:
+    """``measure`` on a store already open (the scale_out benchmark's PostgreSQL too)."""
     turn: list[TextChunk | Pause] = [TextChunk(f"w{index} ") for index in range(words)]
     turn.append(Pause(3600))
     commits, totals = [], []
-    async with open_store(kind) as store:
-        async with Runtime(model=ScriptedModel.from_turns(turn), store=store) as runtime:
-            for trial in range(trials):
-                session = f"commit-{trial}"
-                with trio.fail_after(30), runtime.subscribe(session) as events:
-                    run = await runtime.start_run(session, "Go.")
-                    streamed = 0
-                    async for event in events:
-                        streamed += isinstance(event, TextDelta)
-                        if streamed >= words:
-                            break
-                    await trio.sleep(0.02)  # in the pause, the prompt stored
-                    runtime.abort(run_id=run.run_id)
-                    event = await run.wait()
-                if not isinstance(event, RunCancelled):
-                    raise RuntimeError(f"the run ended {type(event).__name__}, not cancelled")
-                commits.append(event.timings.committed_ms - event.timings.scope_exited_ms)
-                totals.append(event.timings.committed_ms)
+    async with Runtime(model=ScriptedModel.from_turns(turn), store=store) as runtime:
+        for trial in range(trials):
+            session = f"commit-{words}-{trial}"
+            with trio.fail_after(30), runtime.subscribe(session) as events:
+                run = await runtime.start_run(session, "Go.")
+                streamed = 0
+                async for event in events:
+                    streamed += isinstance(event, TextDelta)
+                    if streamed >= words:
+                        break
+                await trio.sleep(0.02)  # in the pause, the prompt stored
+                runtime.abort(run_id=run.run_id)
+                event = await run.wait()
+            if not isinstance(event, RunCancelled):
+                raise RuntimeError(f"the run ended {type(event).__name__}, not cancelled")
+            commits.append(event.timings.committed_ms - event.timings.scope_exited_ms)
+            totals.append(event.timings.committed_ms)
     return Summary.of(commits), Summary.of(totals)
 
 
