@@ -25,17 +25,22 @@ scripts below touch keys they compute):
 
 An abort of a run on another process: one script sets the tombstone and reads the owner
 and its heartbeat. No live owner: ``aborted: false`` at once. Otherwise the request is
-published on ``aborts``; the owner aborts the run in its runtime and answers on the
+published on ``requests``; the owner aborts the run in its runtime and answers on the
 asker's channel ``replies:{process}`` with what it did, which is what the asker answers
 (``aborted`` true only if the run was stopped). A session-wide abort is answered by every
-process that received it.
+process that received it. A session's live runs (``live_elsewhere``: a client that
+reconnected to another process reads ``chat.history``) are asked of the process that
+holds the session the same way, and answered with their snapshots.
 
 Run events (``relay_events``, on by default): each process publishes its runs' events on
 ``events:{session}`` (one script call per batch of what its subscription holds), and
 hands those of the other processes to its own subscribers (``Runtime.relay``), so a
-client may follow a run from any process, with the run's own ``seq``. Every process
-receives every session's events (a pattern subscription): following only the sessions
-its clients follow waits for the gateway's session-scoped delivery.
+client may follow a run from any process, with the run's own ``seq``. A process receives
+only the sessions its subscribers follow (``Runtime.followed_sessions``: a channel per
+session, or the pattern of all while one subscriber, such as a gateway connection that
+never called ``sessions.messages.subscribe``, follows every session); before it asks for
+a session's live runs it waits until it receives that session's events, so the snapshot
+and the events after it line up (the receiver drops what the snapshot holds, by ``seq``).
 
 Redis restarted (nothing persisted, so every key is gone): the pub/sub connection comes
 back by itself (coredis resubscribes), and the next heartbeat, finding that Redis no
@@ -52,6 +57,7 @@ import contextlib
 import json
 import logging
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, final
@@ -73,8 +79,10 @@ from runtime import (
     Event,
     RunRecord,
     RunSessionMismatch,
+    RunSnapshot,
     Runtime,
     SessionBusy,
+    Subscription,
     SubscriptionOverflow,
     converter,
     is_terminal,
@@ -126,6 +134,23 @@ local owner = redis.call('GET', KEYS[2])
 if not owner then return false end
 if redis.call('EXISTS', ARGV[2] .. owner) == 0 then return false end
 return owner
+"""
+# KEYS: session:{s}; ARGV: alive prefix. Returns the live process that holds the session.
+_HOLDER = """
+local holder = redis.call('GET', KEYS[1])
+if not holder or redis.call('EXISTS', ARGV[1] .. holder) == 0 then return false end
+return holder
+"""
+# KEYS: session:{s} for each session; ARGV: alive prefix, me. Returns 1 for each session
+# another live process holds, else 0.
+_HELD = """
+local held = {}
+for i, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  local other = holder and holder ~= ARGV[2] and redis.call('EXISTS', ARGV[1] .. holder) == 1
+  held[i] = other and 1 or 0
+end
+return held
 """
 # KEYS: procs; ARGV: alive prefix, reap prefix, me, reap ms. Returns the dead ones to reap.
 _FIND_DEAD = """
@@ -224,6 +249,7 @@ _RESUBSCRIBE = CompositeRetryPolicy(
 )  # fmt: skip
 RESEND_AFTER = 0.25  # seconds without an answer before an abort request is sent again
 ANSWERS_KEPT = 1000  # answers kept by request id, for requests sent again
+REMOTE_ENDS_KEPT = 1000  # ended runs of other processes remembered, for late copies
 RELAY_MAX_BYTES = 64 * 1024 * 1024  # run events waiting to be published, at most
 
 
@@ -267,14 +293,28 @@ class RedisAbortBus:
     _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
     _tasks: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _answered: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)  # by request
-    _remote_runs: set[str] = attrs.field(factory=set, init=False)  # their events relayed here
+    # runs of other processes whose events were relayed here: the last seq of each (kept
+    # for the last REMOTE_ENDS_KEPT that ended, so a late copy of an event is known)
+    _remote_runs: dict[str, int] = attrs.field(factory=dict, init=False)
+    _remote_ends: deque[str] = attrs.field(factory=deque, init=False)
+    _publishing: Subscription | None = attrs.field(default=None, init=False)
+    # the events channels subscribed to (the pattern of all, or a channel per session),
+    # for the followed sessions of this version of the runtime's routes
+    _relaying: set[str] = attrs.field(factory=set, init=False)
+    _relaying_all: bool = attrs.field(default=False, init=False)
+    _relayed_version: int = attrs.field(default=-1, init=False)
+    _relay_progress: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
     @property
-    def _aborts_channel(self) -> str:
-        return self._key("aborts")
+    def _events_prefix(self) -> str:
+        return self._key("events", "")
+
+    @property
+    def _requests_channel(self) -> str:
+        return self._key("requests")
 
     def _replies_channel(self, process_id: str) -> str:
         return self._key("replies", process_id)
@@ -289,6 +329,8 @@ class RedisAbortBus:
                 ("claim", _CLAIM),
                 ("release", _RELEASE),
                 ("tombstone", _TOMBSTONE),
+                ("holder", _HOLDER),
+                ("held", _HELD),
                 ("find_dead", _FIND_DEAD),
                 ("forget", _FORGET),
                 ("owned", _OWNED),
@@ -304,12 +346,10 @@ class RedisAbortBus:
                     f"Redis at {self.url} could not be reached ({exc}). Start it, or check "
                     "the URL given to --bus."
                 ) from exc
-            channels = [self._aborts_channel, self._replies_channel(self.process_id)]
-            patterns = [self._key("events", "*")] if self.relay_events else []
+            channels = [self._requests_channel, self._replies_channel(self.process_id)]
             async with (
                 client.pubsub(
                     channels=channels,
-                    patterns=patterns,
                     ignore_subscribe_messages=True,
                     retry_policy=_RESUBSCRIBE,
                 ) as pubsub,
@@ -388,27 +428,66 @@ class RedisAbortBus:
                 return AbortResult(True, (run_id,))
             if owner is None or owner == self.process_id:
                 return AbortResult(False, ())
+        replies = await self._ask(
+            {
+                "kind": "abort",
+                "owner": owner,
+                "run_id": run_id,
+                "session_key": session_key,
+                "reason": reason,
+                "stop_policy": stop_policy,
+            }
+        )
+        aborted: list[str] = []
+        refused: list[str] = []
+        for reply in replies:
+            if reply.get("error") == "mismatch" and run_id is not None and session_key:
+                raise RunSessionMismatch(run_id, session_key)
+            if reply.get("error") == "refused" and run_id is not None:
+                raise AbortRefused(run_id)
+            aborted += [r for r in reply.get("aborted", []) if r not in aborted]
+            refused += [r for r in reply.get("refused", []) if r not in refused]
+        return AbortResult(bool(aborted), tuple(aborted), tuple(refused))
+
+    async def live_elsewhere(self, session_key: str) -> list[RunSnapshot]:
+        holder = await self._scripts["holder"](
+            [self._key("session", session_key)], [self._key("alive", "")]
+        )
+        if holder is None or holder == self.process_id:
+            return []
+        await self._following_now()
+        replies = await self._ask({"kind": "live", "owner": holder, "session_key": session_key})
+        if not replies:  # the holder did not answer in time (logged): as if it had no runs
+            return []
+        return [converter.structure(run, RunSnapshot) for run in replies[0]["runs"]]
+
+    async def held_elsewhere(self, session_keys: Sequence[str]) -> set[str]:
+        if not session_keys:
+            return set()
+        held = await self._scripts["held"](
+            [self._key("session", key) for key in session_keys],
+            [self._key("alive", ""), self.process_id],
+        )
+        return {key for key, flag in zip(session_keys, held, strict=True) if flag}
+
+    async def _ask(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        """Publish ``request`` to ``request["owner"]`` (or, when None, to every other
+        process) and return the answers that came within ``reply_timeout``, one per
+        process. Sent again until answered: a message published while the owner's
+        subscription reconnects is lost (requests are idempotent)."""
         request_id = uuid.uuid4().hex
-        request = {
-            "id": request_id,
-            "from": self.process_id,
-            "owner": owner,
-            "run_id": run_id,
-            "session_key": session_key,
-            "reason": reason,
-            "stop_policy": stop_policy,
-        }
+        request |= {"id": request_id, "from": self.process_id}
         waiter = self._waiters[request_id] = _Waiter()
         try:
-            # Sent again until answered: a message published while the owner's
-            # subscription reconnects is lost (aborting twice is harmless).
             with trio.move_on_after(self.reply_timeout):
                 while True:
                     receivers = await self._client.publish(
-                        self._aborts_channel, json.dumps(request)
+                        self._requests_channel, json.dumps(request)
                     )
                     if waiter.expected is None:
-                        waiter.expected = 1 if owner is not None else max(receivers - 1, 0)
+                        waiter.expected = (
+                            1 if request["owner"] is not None else max(receivers - 1, 0)
+                        )
                         waiter.check()
                     with trio.move_on_after(RESEND_AFTER):
                         await waiter.done.wait()
@@ -418,23 +497,15 @@ class RedisAbortBus:
             del self._waiters[request_id]
         if not waiter.done.is_set():
             logger.warning(
-                "abort of run=%s session=%s: %d of %s processes answered in %g s",
-                run_id,
-                session_key,
+                "%s request for run=%s session=%s: %d of %s processes answered in %g s",
+                request["kind"],
+                request.get("run_id"),
+                request["session_key"],
                 len(waiter.replies),
                 waiter.expected,
                 self.reply_timeout,
             )
-        aborted: list[str] = []
-        refused: list[str] = []
-        for reply in waiter.replies.values():
-            if reply.get("error") == "mismatch" and run_id is not None and session_key:
-                raise RunSessionMismatch(run_id, session_key)
-            if reply.get("error") == "refused" and run_id is not None:
-                raise AbortRefused(run_id)
-            aborted += [r for r in reply.get("aborted", []) if r not in aborted]
-            refused += [r for r in reply.get("refused", []) if r not in refused]
-        return AbortResult(bool(aborted), tuple(aborted), tuple(refused))
+        return list(waiter.replies.values())
 
     async def orphans(self, records: Sequence[RunRecord]) -> list[RunRecord]:
         if not records:
@@ -457,6 +528,7 @@ class RedisAbortBus:
                 nursery.start_soon(self._release_loop)
                 if self.relay_events:
                     nursery.start_soon(self._publish_events)
+                    nursery.start_soon(self._follow, pubsub)
 
     async def _listen(self, pubsub: Any) -> None:
         while True:
@@ -465,10 +537,12 @@ class RedisAbortBus:
             async for message in pubsub:
                 try:
                     data = json.loads(message["data"])
-                    if message.get("pattern"):
+                    if message.get("pattern") or message["channel"].startswith(
+                        self._events_prefix
+                    ):
                         self._on_event(data)
-                    elif message["channel"] == self._aborts_channel:
-                        self._on_abort(data)
+                    elif message["channel"] == self._requests_channel:
+                        self._on_request(data)
                     elif (waiter := self._waiters.get(data.get("id"))) is not None:
                         waiter.replies.setdefault(data["from"], data)
                         waiter.check()
@@ -481,8 +555,59 @@ class RedisAbortBus:
             return
         assert self._runtime is not None
         event: Event = converter.structure(data["event"], Event)  # type: ignore[arg-type]
-        self._remote_runs.add(event.run_id)  # so _publish_events does not send it back
+        if event.seq <= self._remote_runs.get(event.run_id, -1):
+            return  # received twice: by its session's channel and by the pattern, a moment
+        self._remote_runs[event.run_id] = event.seq  # so _publish_events does not send it back
+        if is_terminal(event):
+            self._remote_ends.append(event.run_id)
+            if len(self._remote_ends) > REMOTE_ENDS_KEPT:
+                del self._remote_runs[self._remote_ends.popleft()]
         self._runtime.relay(event)
+
+    async def _follow(self, pubsub: Any) -> None:
+        """Receive other processes' events for the sessions this process's subscribers
+        follow (a channel each, or the pattern of all while one follows every session),
+        subscribing before unsubscribing, so a followed session is never missed."""
+        assert self._runtime is not None
+        everything = self._key("events", "*")
+        version: int | None = None
+        while True:
+            if version is not None:
+                await self._runtime.wait_followed_changed(version)
+            version, wanted = self._runtime.followed_sessions(besides=self._publishing)
+            channels = set() if wanted is None else {self._key("events", s) for s in wanted}
+            try:
+                if wanted is None and not self._relaying_all:
+                    await pubsub.psubscribe(everything)
+                    self._relaying_all = True
+                if new := channels - self._relaying:
+                    await pubsub.subscribe(*new)
+                    self._relaying |= new
+                if wanted is not None and self._relaying_all:
+                    await pubsub.punsubscribe(everything)
+                    self._relaying_all = False
+                if old := self._relaying - channels:
+                    await pubsub.unsubscribe(*old)
+                    self._relaying -= old
+            except Exception as exc:
+                logger.warning("following sessions' events failed, to be retried: %s", exc)
+                version = None  # read the routes again, without waiting for a change
+                await trio.sleep(self.heartbeat)
+                continue
+            self._relayed_version = version
+            self._relay_progress.set()
+            self._relay_progress = trio.Event()
+
+    async def _following_now(self) -> None:
+        """Return once this process receives the events of every session its subscribers
+        follow now: a snapshot asked for after it is continued by the events it gets."""
+        if not self.relay_events:
+            return
+        assert self._runtime is not None
+        version, _ = self._runtime.followed_sessions(besides=self._publishing)
+        with trio.move_on_after(self.reply_timeout):
+            while self._relayed_version < version:
+                await self._relay_progress.wait()
 
     async def _publish_events(self) -> None:
         """Publish this process's runs' events, a batch (all the subscription holds) per
@@ -490,6 +615,7 @@ class RedisAbortBus:
         assert self._runtime is not None
         while True:
             with self._runtime.subscribe(max_bytes=RELAY_MAX_BYTES) as events:
+                self._publishing = events
                 try:
                     async for first in events:
                         batch = [first]
@@ -506,8 +632,6 @@ class RedisAbortBus:
         channels, messages = [], []
         for event in batch:
             if event.run_id in self._remote_runs:
-                if is_terminal(event):
-                    self._remote_runs.discard(event.run_id)
                 continue
             channels.append(self._key("events", event.session_key))
             messages.append(
@@ -519,18 +643,31 @@ class RedisAbortBus:
             except Exception as exc:
                 logger.warning("run events could not be relayed: %s", str(exc))
 
-    def _on_abort(self, request: dict[str, Any]) -> None:
-        """An abort request from another process: act at once (no await), answer after."""
+    def _on_request(self, request: dict[str, Any]) -> None:
+        """A request from another process: act at once (no await), answer after."""
         if request["from"] == self.process_id:
             return
-        run_id, session_key = request.get("run_id"), request.get("session_key")
-        if run_id is not None and request.get("owner") != self.process_id:
+        if request["owner"] not in (None, self.process_id):
             return  # the asker asks the owner only
         assert self._runtime is not None and self._nursery is not None
         if (answered := self._answered.get(request["id"])) is not None:  # sent again:
             self._nursery.start_soon(self._publish_reply, request["from"], answered)
             return  # the same answer (acting again would find the run stopping: "false")
         reply: dict[str, Any] = {"id": request["id"], "from": self.process_id}
+        if request["kind"] == "live":
+            runs = self._runtime.live_runs(request["session_key"])
+            reply["runs"] = [converter.unstructure(run.snapshot()) for run in runs]
+        else:
+            reply |= self._abort_here(request)
+        self._answered[request["id"]] = reply
+        while len(self._answered) > ANSWERS_KEPT:
+            del self._answered[next(iter(self._answered))]
+        self._nursery.start_soon(self._publish_reply, request["from"], reply)
+
+    def _abort_here(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Do what an abort request asks of this process; the answer's fields."""
+        assert self._runtime is not None
+        run_id, session_key = request["run_id"], request["session_key"]
         try:
             if run_id is not None and self._runtime.get_run(run_id) is None:
                 if run_id in self._claiming:
@@ -542,29 +679,24 @@ class RedisAbortBus:
                 result = self._runtime.abort(
                     run_id,
                     session_key,
-                    reason=request.get("reason") or "rpc",
-                    stop_policy=request.get("stop_policy"),
+                    reason=request["reason"] or "rpc",
+                    stop_policy=request["stop_policy"],
                 )
         except RunSessionMismatch:
-            reply["error"] = "mismatch"
+            return {"error": "mismatch"}
         except AbortRefused:
-            reply["error"] = "refused"
-        else:
-            reply |= {"aborted": list(result.run_ids), "refused": list(result.refused)}
-            if result.aborted:
-                logger.info(
-                    "abort from process %s: stopped %s", request["from"], ",".join(result.run_ids)
-                )
-        self._answered[request["id"]] = reply
-        while len(self._answered) > ANSWERS_KEPT:
-            del self._answered[next(iter(self._answered))]
-        self._nursery.start_soon(self._publish_reply, request["from"], reply)
+            return {"error": "refused"}
+        if result.aborted:
+            logger.info(
+                "abort from process %s: stopped %s", request["from"], ",".join(result.run_ids)
+            )
+        return {"aborted": list(result.run_ids), "refused": list(result.refused)}
 
     async def _publish_reply(self, to: str, reply: dict[str, Any]) -> None:
         try:
             await self._client.publish(self._replies_channel(to), json.dumps(reply))
         except Exception as exc:
-            logger.warning("an abort's answer could not be sent to %s: %s", to, str(exc))
+            logger.warning("an answer could not be sent to %s: %s", to, str(exc))
 
     async def _beat_once(self) -> bool:
         """Say this process is alive; True when Redis had forgotten it (a restart, a

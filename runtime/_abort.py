@@ -11,6 +11,8 @@ registers it, and releases it once the run's end is committed. The bus then carr
   runtime stops the run at once (the abort that beats the start still wins);
 - the same run id sent to two processes at once: the second ``claim`` fails, and that
   process starts nothing;
+- a session's live runs as they stand on the process that holds the session
+  (``live_elsewhere``), so a client that reconnects to any process resumes a run;
 - the runs of a process that died: the bus notices, and asks a live runtime to close
   them as interrupted (``Runtime.close_interrupted``), their checkpointed partials kept.
 
@@ -33,7 +35,7 @@ from ._store import RunRecord
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from ._runtime import Runtime
+    from ._runtime import RunSnapshot, Runtime
 
 
 @final
@@ -78,6 +80,15 @@ class AbortBus(Protocol):
         ``aborted=False`` at once when no live process owns the run."""
         ...
 
+    async def live_elsewhere(self, session_key: str) -> list[RunSnapshot]:
+        """The session's live and queued runs on the process that holds it, if that is
+        another live process (``Runtime.live_runs_anywhere``); else none."""
+        ...
+
+    async def held_elsewhere(self, session_keys: Sequence[str]) -> set[str]:
+        """Of these sessions, the ones with live runs on another live process."""
+        ...
+
     async def orphans(self, records: Sequence[RunRecord]) -> list[RunRecord]:
         """Of these runs recorded as running, the ones no live process owns (recovery at
         start closes only those)."""
@@ -112,6 +123,14 @@ class LocalAbortBus:
     ) -> AbortResult:
         await trio.lowlevel.checkpoint()
         return AbortResult(False, ())
+
+    async def live_elsewhere(self, session_key: str) -> list[RunSnapshot]:
+        await trio.lowlevel.checkpoint()
+        return []
+
+    async def held_elsewhere(self, session_keys: Sequence[str]) -> set[str]:
+        await trio.lowlevel.checkpoint()
+        return set()
 
     async def orphans(self, records: Sequence[RunRecord]) -> list[RunRecord]:
         await trio.lowlevel.checkpoint()

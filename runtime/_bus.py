@@ -305,6 +305,33 @@ class EventBus:
     _everything: set[Subscription] = attrs.field(factory=set, init=False)
     _by_session: dict[str, set[Subscription]] = attrs.field(factory=dict, init=False)
     _by_run: dict[str, set[Subscription]] = attrs.field(factory=dict, init=False)
+    # bumped when a session gains its first follower or loses its last, or a subscription
+    # that follows everything comes or goes (see ``followed``)
+    _routes_version: int = attrs.field(default=0, init=False)
+    _routes_lot: trio.lowlevel.ParkingLot = attrs.field(
+        factory=trio.lowlevel.ParkingLot, init=False
+    )
+
+    def followed(self, besides: Subscription | None = None) -> frozenset[str] | None:
+        """The sessions some subscription follows, or None when one (other than
+        ``besides``) follows every session."""
+        if any(subscription is not besides for subscription in self._everything):
+            return None
+        return frozenset(self._by_session)
+
+    @property
+    def routes_version(self) -> int:
+        return self._routes_version
+
+    async def wait_routes_changed(self, version: int) -> None:
+        """Return once ``routes_version`` is other than ``version``."""
+        await trio.lowlevel.checkpoint()
+        while self._routes_version == version:
+            await self._routes_lot.park()
+
+    def _routes_changed(self) -> None:
+        self._routes_version += 1
+        self._routes_lot.unpark_all()
 
     def subscribe(
         self,
@@ -317,6 +344,7 @@ class EventBus:
         if session_key is None:
             subscription._everything = True
             self._everything.add(subscription)
+            self._routes_changed()
         else:
             self._route_session(subscription, session_key)
         return subscription
@@ -359,12 +387,16 @@ class EventBus:
         if subscription._everything:
             subscription._everything = False
             self._everything.discard(subscription)
+            self._routes_changed()
             # what it buffered of other sessions was sent while it followed everything
             subscription._discard(
                 lambda e: e.session_key != session_key and e.run_id not in subscription._runs
             )
         subscription._sessions.add(session_key)
-        self._by_session.setdefault(session_key, set()).add(subscription)
+        if session_key not in self._by_session:
+            self._by_session[session_key] = set()
+            self._routes_changed()
+        self._by_session[session_key].add(subscription)
 
     def _unroute_session(self, subscription: Subscription, session_key: str) -> None:
         subscription._sessions.discard(session_key)
@@ -373,6 +405,7 @@ class EventBus:
             followers.discard(subscription)
             if not followers:
                 del self._by_session[session_key]
+                self._routes_changed()
 
     def _route_run(self, subscription: Subscription, run_id: str) -> None:
         if subscription._closed:
@@ -390,7 +423,9 @@ class EventBus:
 
     def _remove(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
-        self._everything.discard(subscription)
+        if subscription in self._everything:
+            self._everything.discard(subscription)
+            self._routes_changed()
         for session_key in list(subscription._sessions):
             self._unroute_session(subscription, session_key)
         for run_id in list(subscription._runs):

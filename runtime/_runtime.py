@@ -91,14 +91,20 @@ class RuntimeStatistics:
 @final
 @attrs.frozen
 class RunSnapshot:
-    """A live run's reply so far and the ``seq`` of the last event it published: the
-    text holds every ``TextDelta`` with a ``seq`` up to ``seq`` and none after it, so a
-    reader that then applies only the events with a higher ``seq`` misses nothing and
-    doubles nothing."""
+    """A live (or queued) run at one instant: its reply so far and the ``seq`` of the
+    last event it published. The text holds every ``TextDelta`` with a ``seq`` up to
+    ``seq`` and none after it, so a reader that then applies only the events with a
+    higher ``seq`` misses nothing and doubles nothing. Plain data: the abort bus carries
+    it from the process that runs the run to the one a client asked."""
 
     run_id: str
+    session_key: str
+    phase: Phase
+    prompt: str
     text: str
     seq: int
+    allow_cancel: bool
+    accepted_at: float  # wall-clock seconds
 
 
 @final
@@ -158,7 +164,16 @@ class Run:
         """The text so far and the ``seq`` it reflects, read at one instant. Synchronous:
         events are published with no await after the state they report changed, so no
         event can fall between the two reads."""
-        return RunSnapshot(self.run_id, self._state.reply_text(), self._seq - 1)
+        return RunSnapshot(
+            self.run_id,
+            self.session_key,
+            self._phase,
+            self.prompt,
+            self._state.reply_text(),
+            self._seq - 1,
+            self.allow_cancel,
+            self._started_at,
+        )
 
     async def wait(self) -> TerminalEvent:
         """Wait for the run to end and return its terminal event."""
@@ -430,6 +445,15 @@ class Runtime:
         aborted = here.run_ids + there.run_ids
         return AbortResult(bool(aborted), aborted, here.refused + there.refused)
 
+    async def live_runs_anywhere(self, session_key: str) -> list[RunSnapshot]:
+        """Snapshots of a session's live and queued runs, in the order they will run,
+        wherever they live: here, or on the process that holds the session (a session's
+        runs live on one process at a time; see ``abort_bus``)."""
+        await trio.lowlevel.checkpoint()
+        if runs := self._sessions.get(session_key):
+            return [run.snapshot() for run in runs]
+        return await self.abort_bus.live_elsewhere(session_key)
+
     def subscribe(
         self,
         session_key: str | None = None,
@@ -445,6 +469,19 @@ class Runtime:
         bound = self.subscriber_max_bytes if max_bytes is None else max_bytes
         merge_after = self.subscriber_capacity if capacity is None else capacity
         return self._bus.subscribe(session_key, merge_after, bound)
+
+    def followed_sessions(
+        self, besides: Subscription | None = None
+    ) -> tuple[int, frozenset[str] | None]:
+        """What this process's subscribers follow, leaving out ``besides``: the sessions,
+        or None when one follows every session, with a version number that changes with
+        it (``wait_followed_changed``). The abort bus relays other processes' events for
+        these sessions only."""
+        return self._bus.routes_version, self._bus.followed(besides)
+
+    async def wait_followed_changed(self, version: int) -> None:
+        """Return once what the subscribers follow changed since ``version``."""
+        await self._bus.wait_routes_changed(version)
 
     def relay(self, event: Event) -> None:
         """Hand this process's subscribers an event of a run on another process (the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -214,3 +215,32 @@ def tagged_pids(tag: str) -> list[int]:
         if tag.encode() in cmdline and state != "Z":
             pids.append(int(entry.name))
     return pids
+
+
+# -- frames a gateway client received ----------------------------------------------
+
+
+def deltas(frames: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
+    return [
+        f["payload"]
+        for f in frames
+        if f.get("event") == "chat"
+        and f["payload"]["runId"] == run_id
+        and f["payload"]["state"] == "delta"
+    ]
+
+
+def final_text(payload: dict[str, Any]) -> str:
+    return "".join(b["text"] for b in payload["message"]["content"] if b["type"] == "text")
+
+
+def rebuilt(frames: list[dict[str, Any]], run_id: str) -> str:
+    """A client's text: the first delta's message (the text so far), then deltaText only."""
+    text = ""
+    for n, payload in enumerate(deltas(frames, run_id)):
+        if "message" in payload:
+            assert n == 0 or payload.get("replace"), "a snapshot only on the first delta"
+            text = final_text(payload)
+        else:
+            text += payload["deltaText"]
+    return text

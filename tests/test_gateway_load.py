@@ -17,6 +17,7 @@ from runtime import Event, RunCancelled, TextDelta
 from runtime._bus import EventBus
 from tests.gateway_client import Client, open_client, open_raw
 from tests.gateway_stack import running_gateway, send
+from tests.helpers import deltas, final_text, rebuilt
 
 BOUND = 60
 
@@ -25,32 +26,6 @@ BOUND = 60
 async def stack(sim, tmp_path):
     async with running_gateway(tmp_path / "gateway.db", sim) as (gateway, port):
         yield gateway, port
-
-
-def deltas(frames: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
-    return [
-        f["payload"]
-        for f in frames
-        if f.get("event") == "chat"
-        and f["payload"]["runId"] == run_id
-        and f["payload"]["state"] == "delta"
-    ]
-
-
-def final_text(payload: dict[str, Any]) -> str:
-    return "".join(b["text"] for b in payload["message"]["content"] if b["type"] == "text")
-
-
-def rebuilt(frames: list[dict[str, Any]], run_id: str) -> str:
-    """A client's text: the first delta's message (the text so far), then deltaText only."""
-    text = ""
-    for n, payload in enumerate(deltas(frames, run_id)):
-        if "message" in payload:
-            assert n == 0 or payload.get("replace"), "a snapshot only on the first delta"
-            text = final_text(payload)
-        else:
-            text += payload["deltaText"]
-    return text
 
 
 def runs_seen(client: Client, name: str) -> set[str]:

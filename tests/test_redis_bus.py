@@ -267,3 +267,78 @@ async def test_a_sessions_runs_live_on_one_process_at_a_time(redis: Redis) -> No
             validate_history(history)
             prompts = [m.meta["run_id"] for m in history if m.role == "user"]
             assert prompts == [r for r in ("r1", "r3", "r5") if r in prompts]
+
+
+async def test_a_sessions_live_runs_are_read_from_the_process_that_holds_it(
+    redis: Redis,
+) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with runtime(store, redis) as a, runtime(store, redis) as b:
+            assert await b.live_runs_anywhere("s") == []  # held by no one: nobody asked
+            run = await a.start_run("s", "question", "r1")
+            await a.start_run("s", "later", "r2")
+            await first_delta(a, "r1")
+            here = [r.snapshot() for r in a.live_runs("s")]
+            there = await b.live_runs_anywhere("s")
+            assert [(r.run_id, r.phase, r.prompt) for r in there] == [
+                ("r1", "running", "question"),
+                ("r2", "queued", "later"),
+            ]
+            # read a moment after A's: the same run, further on (or as far)
+            assert there[0].seq >= here[0].seq and there[0].text.startswith(here[0].text)
+            assert there[0].accepted_at == here[0].accepted_at
+            assert await b.abort_bus.held_elsewhere(["s", "t"]) == {"s"}
+            assert await a.abort_bus.held_elsewhere(["s", "t"]) == set()  # its own
+            a.abort(session_key="s")
+            await run.wait()
+            with trio.fail_after(5):  # released once its last run there ended
+                while await b.live_runs_anywhere("s"):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            assert await b.abort_bus.held_elsewhere(["s"]) == set()
+
+
+async def test_a_process_receives_only_the_sessions_its_subscribers_follow(
+    redis: Redis,
+) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with runtime(store, redis) as a, runtime(store, redis) as b:
+            client = b.abort_bus._client
+            channel = f"{b.abort_bus.prefix}events:"
+
+            async def subscribers() -> tuple[dict[str, int], int]:
+                counts = await client.pubsub_numsub(channel + "s", channel + "t")
+                return {k.removeprefix(channel): v for k, v in counts.items()}, (
+                    await client.pubsub_numpat()
+                )
+
+            async def settled(numsub: dict[str, int], numpat: int) -> None:
+                while await subscribers() != (numsub, numpat):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+
+            await settled({"s": 0, "t": 0}, 0)  # nobody follows anything yet
+            with b.subscribe("t") as on_t:
+                await settled({"s": 0, "t": 1}, 0)
+                await b.live_runs_anywhere("t")  # returns once t's events reach b
+                one = await a.start_run("s", "q", "r1")
+                two = await a.start_run("t", "q", "r2")
+                await first_delta(a, "r2")
+                with b.subscribe() as everything:  # one that follows every session
+                    await settled({"s": 0, "t": 1}, 1)
+                    await first_delta(a, "r1")
+                a.abort("r1")
+                await settled({"s": 0, "t": 1}, 0)  # back to t's channel alone
+                a.abort("r2")
+                await one.wait()
+                await two.wait()
+                seen = []
+                async for event in on_t:
+                    seen.append(event)
+                    if isinstance(event, RunCancelled):
+                        break
+            assert {e.run_id for e in seen} == {"r2"}  # s was never relayed to it
+            seqs = [e.seq for e in seen]  # each event once, through both subscriptions
+            assert seqs == sorted(set(seqs))
+            assert everything.follows_everything
+            await settled({"s": 0, "t": 0}, 0)

@@ -20,6 +20,7 @@ from adapters.postgres_store import PostgresStore
 from runtime import validate_history
 from tests.gateway_client import Client, open_client
 from tests.gateways import Gateway, gateway_process
+from tests.helpers import deltas, final_text, rebuilt
 from tests.services import (  # noqa: F401 (the fixtures)
     Postgres,
     Redis,
@@ -290,3 +291,61 @@ async def test_a_client_of_b_follows_a_run_on_a(postgres: Postgres, redis: Redis
             assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
             assert delivered(on_b, "r1") == delivered(on_a, "r1")
             assert len(delivered(on_b, "r1").split()) == 300
+
+
+async def test_a_client_that_reconnects_to_b_resumes_a_run_on_a(
+    postgres: Postgres, redis: Redis, env
+) -> None:
+    """chat.history on B shows the run on A as it stands (inFlightRun, liveRuns, the
+    queued input), a session followed from B starts from the run's text so far, and
+    sessions.abort by key on B stops the run on A, with and without its queued inputs."""
+    db = postgres.create_database()
+    with trio.fail_after(BOUND):
+        async with (
+            gateways(env, db, redis, 2) as (a, b),
+            open_client(a.port) as on_a,
+            open_client(b.port) as page,
+        ):
+            await page.ok("sessions.messages.subscribe", {"key": "elsewhere"})  # not s
+            await on_a.ok("chat.send", send("s", SLOW, "r1"))
+            queued = send("s", QUICK, "r2") | {"queueMode": "followup"}
+            await on_a.ok("chat.send", queued)
+            await wait_deltas(on_a, "r1", 10)
+            history = await page.ok("chat.history", {"sessionKey": "s"})
+            in_flight = history["inFlightRun"]
+            assert in_flight["runId"] == "r1" and len(in_flight["text"].split()) >= 10
+            assert delivered(on_a, "r1").startswith(in_flight["text"])
+            assert history["sessionInfo"] == {"hasActiveRun": True, "activeRunIds": ["r1"]}
+            assert history["pendingInputs"]["total"] == 1
+            assert history["pendingInputs"]["items"][0]["runId"] == "r2"
+            live = [(r["runId"], r["phase"], r["prompt"]) for r in history["liveRuns"]]
+            assert live == [("r1", "running", SLOW), ("r2", "queued", QUICK)]
+            listed = await page.ok("sessions.list", {})
+            assert {"key": "s", "status": "running"}.items() <= next(
+                row for row in listed["sessions"] if row["key"] == "s"
+            ).items()
+            # followed from B from now on: its first delta there carries the text so far
+            await page.ok("sessions.messages.subscribe", {"key": "s"})
+            await page.wait_chat("r1", "delta")
+            stopped = await page.ok("sessions.abort", {"key": "s"})
+            assert stopped == {"ok": True, "aborted": True, "runIds": ["r1"]}
+            await page.wait_chat("r1", "aborted")
+            await page.wait_chat("r2", "final")  # the queued input went on, on A
+            first = deltas(page.received, "r1")[0]
+            assert final_text(first).startswith(in_flight["text"])
+            kept = rebuilt(page.received, "r1")
+            # a run and a queued input, both stopped from B with clearQueued
+            await on_a.ok("chat.send", send("s", SLOW, "r3"))
+            await on_a.ok("chat.send", send("s", QUICK, "r4") | {"queueMode": "followup"})
+            await wait_deltas(on_a, "r3", 2)
+            cleared = await page.ok("sessions.abort", {"key": "s", "clearQueued": True})
+            assert sorted(cleared["runIds"]) == ["r3", "r4"] and cleared["aborted"] is True
+            await page.wait_chat("r3", "aborted")
+            history = await page.ok("chat.history", {"sessionKey": "s"})
+            assert "inFlightRun" not in history and history["liveRuns"] == []
+    async with PostgresStore(db) as store:
+        messages = await store.history("s")
+        validate_history(messages)
+        partial = next(m for m in messages if m.meta.get("run_id") == "r1" and m.role != "user")
+        assert partial.text == kept  # what B's client showed is what was saved
+        assert (await store.get_run("r4")).status == "cancelled"

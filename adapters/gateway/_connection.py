@@ -337,7 +337,8 @@ class Connection:
             max_bytes=gateway.max_buffered_bytes, capacity=gateway.coalesce_after
         ) as events:
             # no await since subscribing: they line up
-            view.seed([r for r in runtime.live_runs() if self.principal.owns(r.session_key)])
+            live = [r for r in runtime.live_runs() if self.principal.owns(r.session_key)]
+            view.seed([run.snapshot() for run in live])
             self._events = events
             self._view = view
             queue, queued = trio.open_memory_channel[Request](QUEUED_REQUESTS)
@@ -599,14 +600,16 @@ class Connection:
         if params.key is None:
             raise invalid("Name params.key (a session) or params.runId to abort.")
         if params.clearQueued:
-            return _aborted(runtime.abort(session_key=params.key, reason="rpc"))
-        running = [r for r in runtime.live_runs(params.key) if r.phase == "running"]
+            return _aborted(await runtime.abort_anywhere(session_key=params.key, reason="rpc"))
+        # the run under way, on whichever process holds the session; queued ones stay
+        live = await runtime.live_runs_anywhere(params.key)
+        running = [r for r in live if r.phase == "running"]
         refused = tuple(r.run_id for r in running if not r.allow_cancel)
-        aborted = tuple(
-            r.run_id
-            for r in running
-            if r.allow_cancel and runtime.abort(run_id=r.run_id, reason="rpc").aborted
-        )
+        aborted: tuple[str, ...] = ()
+        for run in running:
+            if run.allow_cancel:
+                result = await runtime.abort_anywhere(run.run_id, params.key, reason="rpc")
+                aborted += result.run_ids
         return _aborted(AbortResult(bool(aborted), aborted, refused))
 
     async def _chat_history(self, raw: Any) -> dict[str, Any]:
@@ -620,17 +623,18 @@ class Connection:
         if params.cursor is None:
             settings = await runtime.store.get_settings(key)
         for _ in range(HISTORY_READS):
-            before = {r.run_id for r in runtime.live_runs(key)}
+            before = {r.run_id for r in await runtime.live_runs_anywhere(key)}
             stored = await runtime.store.history(key, params.limit + 1)
-            # From here no await: the live runs are read at one instant, after the messages
-            runs = runtime.live_runs(key)
+            if self._events is not None:  # (for a run on another process, the snapshot
+                self._events.seal()  # is taken during the next await: seal on both sides)
+            runs = await runtime.live_runs_anywhere(key)
             if before <= {r.run_id for r in runs}:
                 break
             # A run ended during the read: its result may have landed just after it (a
             # run leaves the registry only once committed), so read again.
-        live, snapshot = live_state(runs, stored)
         if self._events is not None:
             self._events.seal()  # no delta merges across the snapshot (see Subscription.seal)
+        live = live_state(runs, stored)
         if params.cursor is not None:
             since = messages_since(params.cursor, stored, params.limit)
             if since is None:
@@ -647,7 +651,7 @@ class Connection:
                 "runId": r.run_id,
                 "phase": r.phase,
                 "prompt": r.prompt,
-                "text": snapshot.text if snapshot and snapshot.run_id == r.run_id else r.text,
+                "text": r.text,
                 "allowCancel": r.allow_cancel,
             }
             for r in runs
@@ -667,10 +671,11 @@ class Connection:
         self._own(key=params.key)
         events, view = self._events, self._view
         assert events is not None and view is not None
-        # No await from here on: the text so far and the events after it line up.
         followed = events.follows_everything or params.key in events.sessions
         events.follow_session(params.key)
-        live = self.gateway.runtime.live_runs(params.key)
+        # The runs' text so far (here, or on the process that holds the session); the
+        # view drops the events this connection receives that the snapshots hold already.
+        live = await self.gateway.runtime.live_runs_anywhere(params.key)
         if not followed:  # followed anew: the next delta of each run carries its text so far
             view.seed([r for r in live if r.run_id not in events.runs], refresh=True)
         view.seed(live)
@@ -710,11 +715,15 @@ class Connection:
             phases.setdefault(run.session_key, set()).add(run.phase)
         rows = []
         keys = [k for k in await runtime.store.sessions() if self.principal.owns(k)]
-        for key in keys[: params.limit]:
+        keys = keys[: params.limit]
+        elsewhere = await runtime.abort_bus.held_elsewhere(keys)  # their runs: not seen here
+        for key in keys:
             row = {"key": key, "sessionId": key, "kind": "direct"}
             live = phases.get(key, set())
             if live:
                 row["status"] = "running" if "running" in live else "queued"
+            elif key in elsewhere:
+                row["status"] = "running"
             rows.append(row)
         return {"ts": now_ms(), "count": len(rows), "sessions": rows}
 

@@ -29,7 +29,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Final
 
-from runtime import Message, Run, RunSnapshot, converter
+from runtime import Message, RunSnapshot, converter
 
 from ._protocol import invalid
 from ._translate import visible
@@ -76,12 +76,9 @@ def _committed(run_id: str, stored: Sequence[Message]) -> bool:
     return any(m.meta.get("run_id") == run_id and m.role != "user" for m in stored)
 
 
-def live_state(
-    runs: Sequence[Run], stored: Sequence[Message]
-) -> tuple[dict[str, Any], RunSnapshot | None]:
+def live_state(runs: Sequence[RunSnapshot], stored: Sequence[Message]) -> dict[str, Any]:
     """``sessionInfo``, ``pendingInputs`` and ``inFlightRun`` of a session's live runs
-    (``Runtime.live_runs(key)``, read in the same instant as this call), and the snapshot
-    ``inFlightRun`` was made from. Synchronous."""
+    (``Runtime.live_runs_anywhere(key)``, read after the messages)."""
     # A session runs one run at a time, in admission order: the first is under way (or
     # about to start, its task not yet scheduled), the others wait behind it.
     active, queued = list(runs[:1]), list(runs[1:])
@@ -95,18 +92,16 @@ def live_state(
             "total": len(queued),
         },
     }
-    snapshot = None
     if active and not _committed(active[0].run_id, stored):
-        snapshot = active[0].snapshot()
         fields["inFlightRun"] = {
-            "runId": snapshot.run_id,
-            "text": snapshot.text,
-            "seq": snapshot.seq,
+            "runId": active[0].run_id,
+            "text": active[0].text,
+            "seq": active[0].seq,
         }
-    return fields, snapshot
+    return fields
 
 
-def _pending(run: Run) -> dict[str, Any]:
+def _pending(run: RunSnapshot) -> dict[str, Any]:
     accepted = int(run.accepted_at * 1000)
     return {
         "id": run.run_id,

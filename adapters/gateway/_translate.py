@@ -26,11 +26,11 @@ import attrs
 from runtime import (
     Event,
     Message,
-    Run,
     RunCancelled,
     RunFailed,
     RunFinished,
     RunQueued,
+    RunSnapshot,
     RunStarted,
     StreamOptions,
     TextBlock,
@@ -313,6 +313,7 @@ class _RunView:
     thinking: str = ""
     text_sent: bool = False
     thinking_sent: bool = False
+    seen: int = -1  # the seq of the last event the text holds: those up to it are dropped
 
 
 @final
@@ -325,17 +326,18 @@ class EventView:
     cache: FrameCache = attrs.field(factory=FrameCache)
     _runs: dict[str, _RunView] = attrs.field(factory=dict, init=False)
 
-    def seed(self, runs: list[Run], *, refresh: bool = False) -> None:
-        """Start from the live runs' text so far (call when subscribing, with no await
-        between the two, so the snapshot and the events after it line up exactly). Runs
-        already in the view are left as they are, unless ``refresh``: then their next delta
-        carries the text so far again (for runs followed anew); their ``seq`` goes on."""
+    def seed(self, runs: list[RunSnapshot], *, refresh: bool = False) -> None:
+        """Start from the live runs' text so far (call when subscribing, after the
+        subscription follows them: the events it then receives that the snapshots hold
+        already, by their ``seq``, are dropped). Runs already in the view are left as they
+        are, unless ``refresh``: then their next delta carries the text so far again (for
+        runs followed anew)."""
         for run in runs:
             view = self._runs.get(run.run_id)
             if view is None:
-                self._runs[run.run_id] = _RunView(run.session_key, text=run.text)
+                self._runs[run.run_id] = _RunView(run.session_key, text=run.text, seen=run.seq)
             elif refresh:
-                view.text, view.text_sent = run.text, False
+                view.text, view.text_sent, view.seen = run.text, False, run.seq
                 view.thinking, view.thinking_sent = "", False
 
     def forget(self, keep: Callable[[str, str], bool]) -> None:
@@ -353,6 +355,8 @@ class EventView:
         view = self._runs.get(run_id)
         if view is None:
             view = self._runs[run_id] = _RunView(event.session_key)
+        elif event.seq <= view.seen:
+            return
         encoded = self.cache.get(event)
         parts = encoded.rest
         if isinstance(event, TextDelta):
