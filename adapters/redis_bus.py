@@ -24,11 +24,12 @@ scripts below touch keys they compute):
   as it registers) or the abort sees the owner (and asks it): the abort always wins.
 
 An abort of a run on another process: one script sets the tombstone and reads the owner
-and its heartbeat. No live owner: ``aborted: false`` at once. Otherwise the request is
-published on ``requests``; the owner aborts the run in its runtime and answers on the
-asker's channel ``replies:{process}`` with what it did, which is what the asker answers
-(``aborted`` true only if the run was stopped). A session-wide abort is answered by every
-process that received it. A session's live runs (``live_elsewhere``: a client that
+and its heartbeat and, if another live process owns it, publishes the request on that
+process's ``requests:{process}`` (one round trip). No live owner: ``aborted: false`` at
+once. The owner aborts the run in its runtime and answers on the asker's channel
+``replies:{process}`` with what it did, which is what the asker answers (``aborted`` true
+only if the run was stopped). A session-wide abort goes to every process (``requests:``)
+and is answered by each. A session's live runs (``live_elsewhere``: a client that
 reconnected to another process reads ``chat.history``) are asked of the process that
 holds the session the same way, and answered with their snapshots.
 
@@ -58,8 +59,8 @@ import json
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, final
 
 import attrs
@@ -127,18 +128,22 @@ for i = 3, #ARGV, 2 do
 end
 return 1
 """
-# KEYS: abort:{run}, owner:{run}; ARGV: tombstone ms, alive prefix. Returns a live owner.
+# KEYS: abort:{run}, owner:{run}; ARGV: tombstone ms, alive prefix, me, requests channel
+# prefix, request. Sets the tombstone and, when another live process owns the run, hands
+# it the request (one round trip: a stop's first hop). Returns the live owner.
 _TOMBSTONE = """
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 local owner = redis.call('GET', KEYS[2])
-if not owner then return false end
-if redis.call('EXISTS', ARGV[2] .. owner) == 0 then return false end
+if not owner or redis.call('EXISTS', ARGV[2] .. owner) == 0 then return false end
+if owner ~= ARGV[3] then redis.call('PUBLISH', ARGV[4] .. owner, ARGV[5]) end
 return owner
 """
-# KEYS: session:{s}; ARGV: alive prefix. Returns the live process that holds the session.
+# KEYS: session:{s}; ARGV: alive prefix, me, requests channel prefix, request. Hands the
+# request to the live process that holds the session, if another; returns that process.
 _HOLDER = """
 local holder = redis.call('GET', KEYS[1])
 if not holder or redis.call('EXISTS', ARGV[1] .. holder) == 0 then return false end
+if holder ~= ARGV[2] then redis.call('PUBLISH', ARGV[3] .. holder, ARGV[4]) end
 return holder
 """
 # KEYS: session:{s} for each session; ARGV: alive prefix, me. Returns 1 for each session
@@ -312,10 +317,6 @@ class RedisAbortBus:
     def _events_prefix(self) -> str:
         return self._key("events", "")
 
-    @property
-    def _requests_channel(self) -> str:
-        return self._key("requests")
-
     def _replies_channel(self, process_id: str) -> str:
         return self._key("replies", process_id)
 
@@ -346,7 +347,11 @@ class RedisAbortBus:
                     f"Redis at {self.url} could not be reached ({exc}). Start it, or check "
                     "the URL given to --bus."
                 ) from exc
-            channels = [self._requests_channel, self._replies_channel(self.process_id)]
+            channels = [  # requests to every process, and to this one
+                self._key("requests", ""),
+                self._key("requests", self.process_id),
+                self._replies_channel(self.process_id),
+            ]
             async with (
                 client.pubsub(
                     channels=channels,
@@ -417,27 +422,33 @@ class RedisAbortBus:
         reason: str,
         stop_policy: str | None,
     ) -> AbortResult:
-        owner: str | None = None
-        if run_id is not None:
-            owner = await self._scripts["tombstone"](
-                [self._key("abort", run_id), self._key("owner", run_id)],
-                [round(self.tombstone_for * 1000), self._key("alive", "")],
-            )
-            if owner == self.process_id and run_id in self._claiming:
-                self._pending.add(run_id)  # being claimed here: stopped as it registers
-                return AbortResult(True, (run_id,))
-            if owner is None or owner == self.process_id:
-                return AbortResult(False, ())
-        replies = await self._ask(
-            {
-                "kind": "abort",
-                "owner": owner,
-                "run_id": run_id,
-                "session_key": session_key,
-                "reason": reason,
-                "stop_policy": stop_policy,
-            }
-        )
+        request = {
+            "kind": "abort",
+            "run_id": run_id,
+            "session_key": session_key,
+            "reason": reason,
+            "stop_policy": stop_policy,
+        }
+        with self._request(request) as (waiter, message):
+            if run_id is None:  # a session's runs: every process is asked
+                replies = await self._replies(waiter, message, None)
+            else:
+                owner = await self._scripts["tombstone"](
+                    [self._key("abort", run_id), self._key("owner", run_id)],
+                    [
+                        round(self.tombstone_for * 1000),
+                        self._key("alive", ""),
+                        self.process_id,
+                        self._key("requests", ""),
+                        message,
+                    ],
+                )
+                if owner == self.process_id and run_id in self._claiming:
+                    self._pending.add(run_id)  # being claimed here: stopped as it registers
+                    return AbortResult(True, (run_id,))
+                if owner is None or owner == self.process_id:
+                    return AbortResult(False, ())
+                replies = await self._replies(waiter, message, owner, sent=True)
         aborted: list[str] = []
         refused: list[str] = []
         for reply in replies:
@@ -450,13 +461,15 @@ class RedisAbortBus:
         return AbortResult(bool(aborted), tuple(aborted), tuple(refused))
 
     async def live_elsewhere(self, session_key: str) -> list[RunSnapshot]:
-        holder = await self._scripts["holder"](
-            [self._key("session", session_key)], [self._key("alive", "")]
-        )
-        if holder is None or holder == self.process_id:
-            return []
         await self._following_now()
-        replies = await self._ask({"kind": "live", "owner": holder, "session_key": session_key})
+        with self._request({"kind": "live", "session_key": session_key}) as (waiter, message):
+            holder = await self._scripts["holder"](
+                [self._key("session", session_key)],
+                [self._key("alive", ""), self.process_id, self._key("requests", ""), message],
+            )
+            if holder is None or holder == self.process_id:
+                return []
+            replies = await self._replies(waiter, message, holder, sent=True)
         if not replies:  # the holder did not answer in time (logged): as if it had no runs
             return []
         return [converter.structure(run, RunSnapshot) for run in replies[0]["runs"]]
@@ -470,40 +483,45 @@ class RedisAbortBus:
         )
         return {key for key, flag in zip(session_keys, held, strict=True) if flag}
 
-    async def _ask(self, request: dict[str, Any]) -> list[dict[str, Any]]:
-        """Publish ``request`` to ``request["owner"]`` (or, when None, to every other
-        process) and return the answers that came within ``reply_timeout``, one per
-        process. Sent again until answered: a message published while the owner's
-        subscription reconnects is lost (requests are idempotent)."""
+    @contextmanager
+    def _request(self, request: dict[str, Any]) -> Iterator[tuple[_Waiter, str]]:
+        """A request to other processes, as sent (with its id), and the waiter that
+        collects its answers while the context lasts."""
         request_id = uuid.uuid4().hex
-        request |= {"id": request_id, "from": self.process_id}
         waiter = self._waiters[request_id] = _Waiter()
         try:
-            with trio.move_on_after(self.reply_timeout):
-                while True:
-                    receivers = await self._client.publish(
-                        self._requests_channel, json.dumps(request)
-                    )
-                    if waiter.expected is None:
-                        waiter.expected = (
-                            1 if request["owner"] is not None else max(receivers - 1, 0)
-                        )
-                        waiter.check()
-                    with trio.move_on_after(RESEND_AFTER):
-                        await waiter.done.wait()
-                    if waiter.done.is_set():
-                        break
+            yield waiter, json.dumps(request | {"id": request_id, "from": self.process_id})
         finally:
             del self._waiters[request_id]
+
+    async def _replies(
+        self, waiter: _Waiter, message: str, to: str | None, *, sent: bool = False
+    ) -> list[dict[str, Any]]:
+        """Send the request ``message`` to process ``to`` (None: every other process),
+        unless a script ``sent`` it already, and again until answered (a message published
+        while the receiver's subscription reconnects is lost; requests are idempotent);
+        return the answers that came within ``reply_timeout``, one per process."""
+        if to is not None:
+            waiter.expected = 1
+        with trio.move_on_after(self.reply_timeout):
+            while True:
+                if not sent:
+                    receivers = await self._client.publish(self._key("requests", to or ""), message)
+                    if waiter.expected is None:  # all subscribers of the channel but us
+                        waiter.expected = max(receivers - 1, 0)
+                sent = False
+                waiter.check()
+                with trio.move_on_after(RESEND_AFTER):
+                    await waiter.done.wait()
+                if waiter.done.is_set():
+                    break
         if not waiter.done.is_set():
             logger.warning(
-                "%s request for run=%s session=%s: %d of %s processes answered in %g s",
-                request["kind"],
-                request.get("run_id"),
-                request["session_key"],
+                "a request was answered by %d of %s processes in %g s: %s",
                 len(waiter.replies),
                 waiter.expected,
                 self.reply_timeout,
+                message,
             )
         return list(waiter.replies.values())
 
@@ -541,7 +559,7 @@ class RedisAbortBus:
                         self._events_prefix
                     ):
                         self._on_event(data)
-                    elif message["channel"] == self._requests_channel:
+                    elif message["channel"].startswith(self._key("requests", "")):
                         self._on_request(data)
                     elif (waiter := self._waiters.get(data.get("id"))) is not None:
                         waiter.replies.setdefault(data["from"], data)
@@ -647,8 +665,6 @@ class RedisAbortBus:
         """A request from another process: act at once (no await), answer after."""
         if request["from"] == self.process_id:
             return
-        if request["owner"] not in (None, self.process_id):
-            return  # the asker asks the owner only
         assert self._runtime is not None and self._nursery is not None
         if (answered := self._answered.get(request["id"])) is not None:  # sent again:
             self._nursery.start_soon(self._publish_reply, request["from"], answered)
