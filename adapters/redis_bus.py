@@ -11,8 +11,9 @@ scripts below touch keys they compute):
 - ``session:{session}`` = the process that holds the session while it has live runs
   (``sruns:{session}``; ``sessions:{process}``): a session's runs live on one process at a
   time, so its history stays in order. A send for a session held by another live process
-  is refused (``SessionOnAnotherProcess``, a ``SessionBusy``: the gateway answers
-  UNAVAILABLE, retryable); the session is free again once its last run there ended.
+  is refused (``SessionElsewhere``) and sent there (``start_elsewhere``), where it is
+  admitted under the session's policy; the session is free again once its last run
+  there ended.
 - ``alive:{process}``: the heartbeat, set every ``heartbeat`` seconds to expire after
   ``alive_for``. A process whose key expired is dead: the first live process to notice
   (every ``heartbeat``, it takes ``reap:{process}`` with NX) closes that process's runs as
@@ -59,7 +60,7 @@ import json
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, final
 
@@ -78,11 +79,15 @@ from runtime import (
     AbortResult,
     AgentRuntimeError,
     Event,
+    InvalidRequest,
+    RunExists,
     RunRecord,
     RunSessionMismatch,
     RunSnapshot,
     Runtime,
+    RuntimeClosing,
     SessionBusy,
+    SessionElsewhere,
     Subscription,
     SubscriptionOverflow,
     converter,
@@ -229,21 +234,6 @@ class RedisBusError(Exception):
     """Redis could not be used; the message says why and what to do."""
 
 
-class SessionOnAnotherProcess(SessionBusy):
-    """A send for a session whose runs live on another process: a session's runs live on
-    one process at a time (so that its history stays in order), and this one is busy
-    there. The gateway answers it UNAVAILABLE, retryable, like any busy session."""
-
-    def __init__(self, session_key: str, process_id: str) -> None:
-        AgentRuntimeError.__init__(
-            self,
-            f"The session {session_key!r} has a run in progress on another gateway process "
-            f"({process_id}); send there, or once that run has ended.",
-        )
-        self.live_run_id = ""
-        self.process_id = process_id
-
-
 # coredis's default backs off up to 16 s: a stop must not wait that long after a restart
 _RESUBSCRIBE = CompositeRetryPolicy(
     ExponentialBackoffRetryPolicy(
@@ -298,6 +288,7 @@ class RedisAbortBus:
     _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
     _tasks: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _answered: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)  # by request
+    _starting: set[str] = attrs.field(factory=set, init=False)  # start requests under way
     # runs of other processes whose events were relayed here: the last seq of each (kept
     # for the last REMOTE_ENDS_KEPT that ended, so a late copy of an event is known)
     _remote_runs: dict[str, int] = attrs.field(factory=dict, init=False)
@@ -393,7 +384,7 @@ class RedisAbortBus:
             self._claiming.discard(run_id)
             del self._run_sessions[run_id]
             if claimed == 2:
-                raise SessionOnAnotherProcess(session_key, str(tombstoned))
+                raise SessionElsewhere(session_key, str(tombstoned))
             return False
         if tombstoned:
             logger.info("run %s was aborted before it started: it is stopped now", run_id)
@@ -473,6 +464,43 @@ class RedisAbortBus:
         if not replies:  # the holder did not answer in time (logged): as if it had no runs
             return []
         return [converter.structure(run, RunSnapshot) for run in replies[0]["runs"]]
+
+    async def start_elsewhere(
+        self,
+        process_id: str,
+        session_key: str,
+        message: str,
+        run_id: str,
+        options: Mapping[str, Any],
+    ) -> None:
+        await self._following_now()
+        request = {
+            "kind": "start",
+            "session_key": session_key,
+            "message": message,
+            "run_id": run_id,
+            "options": dict(options),
+        }
+        with self._request(request) as (waiter, sent):
+            replies = await self._replies(waiter, sent, process_id)
+        if not replies:  # it may have started: a retry with the same run id is safe
+            raise SessionElsewhere(session_key, process_id)
+        reply = replies[0]
+        match reply.get("error"):
+            case None if "exists" in reply:
+                raise RunExists(run_id, live=reply["exists"])
+            case None:
+                return
+            case "busy":
+                raise SessionBusy(session_key, reply["run"])
+            case "elsewhere":
+                raise SessionElsewhere(session_key, reply["process"])
+            case "closing":
+                raise RuntimeClosing()
+            case "invalid":
+                raise InvalidRequest(reply["message"])
+            case _:
+                raise AgentRuntimeError(reply["message"])
 
     async def held_elsewhere(self, session_keys: Sequence[str]) -> set[str]:
         if not session_keys:
@@ -670,15 +698,49 @@ class RedisAbortBus:
             self._nursery.start_soon(self._publish_reply, request["from"], answered)
             return  # the same answer (acting again would find the run stopping: "false")
         reply: dict[str, Any] = {"id": request["id"], "from": self.process_id}
+        if request["kind"] == "start":
+            if request["id"] not in self._starting:  # else sent again while it starts
+                self._starting.add(request["id"])
+                self._nursery.start_soon(self._start_here, request, reply)
+            return
         if request["kind"] == "live":
             runs = self._runtime.live_runs(request["session_key"])
             reply["runs"] = [converter.unstructure(run.snapshot()) for run in runs]
         else:
             reply |= self._abort_here(request)
+        self._answer(request, reply)
+
+    def _answer(self, request: dict[str, Any], reply: dict[str, Any]) -> None:
+        assert self._nursery is not None
         self._answered[request["id"]] = reply
         while len(self._answered) > ANSWERS_KEPT:
             del self._answered[next(iter(self._answered))]
         self._nursery.start_soon(self._publish_reply, request["from"], reply)
+
+    async def _start_here(self, request: dict[str, Any], reply: dict[str, Any]) -> None:
+        """A message another process received for a session held here: admitted as if
+        sent here (``start_run``), and what came of it answered."""
+        assert self._runtime is not None
+        try:
+            await self._runtime.start_run(
+                request["session_key"], request["message"], request["run_id"], **request["options"]
+            )
+        except RunExists as exists:
+            reply["exists"] = exists.live
+        except SessionElsewhere as elsewhere:  # its last run here ended meanwhile
+            reply |= {"error": "elsewhere", "process": elsewhere.process_id}
+        except SessionBusy as busy:
+            reply |= {"error": "busy", "run": busy.live_run_id}
+        except RuntimeClosing:
+            reply["error"] = "closing"
+        except InvalidRequest as exc:
+            reply |= {"error": "invalid", "message": str(exc)}
+        except Exception as exc:
+            logger.exception("a run sent from process %s could not start", request["from"])
+            reply |= {"error": "failed", "message": f"The run could not start: {exc}"}
+        finally:
+            self._starting.discard(request["id"])
+        self._answer(request, reply)
 
     def _abort_here(self, request: dict[str, Any]) -> dict[str, Any]:
         """Do what an abort request asks of this process; the answer's fields."""

@@ -17,6 +17,7 @@ from ._errors import RunExists as RunExists
 from ._errors import RunSessionMismatch as RunSessionMismatch
 from ._errors import RuntimeClosing as RuntimeClosing
 from ._errors import SessionBusy as SessionBusy
+from ._errors import SessionElsewhere as SessionElsewhere
 from ._events import ConcurrencyPolicy as ConcurrencyPolicy
 from ._events import Event as Event
 from ._events import RunCancelled as RunCancelled

@@ -13,6 +13,8 @@ registers it, and releases it once the run's end is committed. The bus then carr
   process starts nothing;
 - a session's live runs as they stand on the process that holds the session
   (``live_elsewhere``), so a client that reconnects to any process resumes a run;
+- a message for a session whose runs live on another process, to that process
+  (``start_elsewhere``; ``claim`` raised ``SessionElsewhere``), which admits it;
 - the runs of a process that died: the bus notices, and asks a live runtime to close
   them as interrupted (``Runtime.close_interrupted``), their checkpointed partials kept.
 
@@ -23,7 +25,7 @@ of a run); an adapter does the I/O of ``released`` in a task of its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol, final
 
@@ -56,7 +58,7 @@ class AbortBus(Protocol):
     async def claim(self, run_id: str, session_key: str) -> bool:
         """Take ownership of a run about to be registered; False when another live
         process owns a run of that id (the same idempotency key sent there). Raises
-        SessionBusy when the session's runs live on another process."""
+        SessionElsewhere when the session's runs live on another process."""
         ...
 
     def registered(self, run_id: str) -> bool:
@@ -87,6 +89,19 @@ class AbortBus(Protocol):
 
     async def held_elsewhere(self, session_keys: Sequence[str]) -> set[str]:
         """Of these sessions, the ones with live runs on another live process."""
+        ...
+
+    async def start_elsewhere(
+        self,
+        process_id: str,
+        session_key: str,
+        message: str,
+        run_id: str,
+        options: Mapping[str, Any],
+    ) -> None:
+        """Have ``process_id``, which holds the session, start the run (``start_run`` with
+        ``options``); raises what that raised there. Returns once the run is registered
+        there and this process receives the session's events."""
         ...
 
     async def orphans(self, records: Sequence[RunRecord]) -> list[RunRecord]:
@@ -131,6 +146,16 @@ class LocalAbortBus:
     async def held_elsewhere(self, session_keys: Sequence[str]) -> set[str]:
         await trio.lowlevel.checkpoint()
         return set()
+
+    async def start_elsewhere(
+        self,
+        process_id: str,
+        session_key: str,
+        message: str,
+        run_id: str,
+        options: Mapping[str, Any],
+    ) -> None:
+        raise RuntimeError("In one process no session lives elsewhere.")
 
     async def orphans(self, records: Sequence[RunRecord]) -> list[RunRecord]:
         await trio.lowlevel.checkpoint()

@@ -180,9 +180,11 @@ class Subscription:
         self._bus._unroute_session(self, session_key)
         self._discard(lambda e: e.session_key == session_key and e.run_id not in self._runs)
 
-    def follow_run(self, run_id: str) -> None:
-        """Receive this run's events until its terminal event, whatever else it follows."""
-        self._bus._route_run(self, run_id)
+    def follow_run(self, run_id: str, session_key: str | None = None) -> None:
+        """Receive this run's events until its terminal event, whatever else it follows.
+        Name its session when the run may live on another process: the bus's ``followed``
+        sessions then include it, so that process's events are relayed here."""
+        self._bus._route_run(self, run_id, session_key)
 
     def unfollow_run(self, run_id: str) -> None:
         self._bus._unroute_run(self, run_id)
@@ -305,6 +307,8 @@ class EventBus:
     _everything: set[Subscription] = attrs.field(factory=set, init=False)
     _by_session: dict[str, set[Subscription]] = attrs.field(factory=dict, init=False)
     _by_run: dict[str, set[Subscription]] = attrs.field(factory=dict, init=False)
+    # the sessions of the followed runs named with one (follow_run), by run
+    _run_sessions: dict[str, str] = attrs.field(factory=dict, init=False)
     # bumped when a session gains its first follower or loses its last, or a subscription
     # that follows everything comes or goes (see ``followed``)
     _routes_version: int = attrs.field(default=0, init=False)
@@ -317,7 +321,7 @@ class EventBus:
         ``besides``) follows every session."""
         if any(subscription is not besides for subscription in self._everything):
             return None
-        return frozenset(self._by_session)
+        return frozenset(self._by_session).union(self._run_sessions.values())
 
     @property
     def routes_version(self) -> int:
@@ -375,6 +379,7 @@ class EventBus:
             if isinstance(event, _TERMINAL):  # nothing of the run follows it
                 for subscription in self._by_run.pop(run_id):
                     subscription._runs.discard(run_id)
+                self._end_run_routes(run_id)
         for subscription in overflowed:
             self._remove(subscription)
 
@@ -407,11 +412,21 @@ class EventBus:
                 del self._by_session[session_key]
                 self._routes_changed()
 
-    def _route_run(self, subscription: Subscription, run_id: str) -> None:
+    def _route_run(
+        self, subscription: Subscription, run_id: str, session_key: str | None
+    ) -> None:
         if subscription._closed:
             return
         subscription._runs.add(run_id)
         self._by_run.setdefault(run_id, set()).add(subscription)
+        if session_key is not None and run_id not in self._run_sessions:
+            self._run_sessions[run_id] = session_key
+            self._routes_changed()
+
+    def _end_run_routes(self, run_id: str) -> None:
+        """The run has no follower left: it no longer counts in ``followed``."""
+        if self._run_sessions.pop(run_id, None) is not None:
+            self._routes_changed()
 
     def _unroute_run(self, subscription: Subscription, run_id: str) -> None:
         subscription._runs.discard(run_id)
@@ -420,6 +435,7 @@ class EventBus:
             followers.discard(subscription)
             if not followers:
                 del self._by_run[run_id]
+                self._end_run_routes(run_id)
 
     def _remove(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)

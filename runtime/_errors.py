@@ -41,6 +41,21 @@ class SessionBusy(AgentRuntimeError):
         self.live_run_id = live_run_id
 
 
+class SessionElsewhere(SessionBusy):
+    """The session's runs live on another process (processes that share a store hold a
+    session one at a time, so its history stays in order: see ``AbortBus``).
+    ``Runtime.start_run_anywhere`` sends the message there instead."""
+
+    def __init__(self, session_key: str, process_id: str) -> None:
+        AgentRuntimeError.__init__(
+            self,
+            f"The session {session_key!r} has a run in progress on another gateway process "
+            f"({process_id}); send there, or once that run has ended.",
+        )
+        self.live_run_id = ""
+        self.process_id = process_id
+
+
 class AbortRefused(AgentRuntimeError):
     """The run was started with ``allow_cancel=False``: no client may stop it. It still
     ends by itself, at its run timeout, or when the runtime shuts down."""

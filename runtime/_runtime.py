@@ -33,6 +33,7 @@ from ._errors import (
     RunSessionMismatch,
     RuntimeClosing,
     SessionBusy,
+    SessionElsewhere,
 )
 from ._events import (
     CONCURRENCY_POLICIES,
@@ -387,6 +388,39 @@ class Runtime:
         if self.abort_bus.registered(run_id) and allow_cancel:  # an abort came first: it wins
             self._abort_run(run, "rpc", None)
         return run
+
+    async def start_run_anywhere(
+        self,
+        session_key: str,
+        message: str,
+        run_id: str | None = None,
+        *,
+        stop_policy: StopPolicy | None = None,
+        concurrency: ConcurrencyPolicy | None = None,
+        allow_cancel: bool = True,
+        thinking: bool | None = None,
+        run_timeout: float | None = None,
+    ) -> Run | None:
+        """``start_run``; but where the session's runs live on another process
+        (``SessionElsewhere``), the message is sent there, and that process admits it under
+        the session's concurrency policy as this one would. Then None is returned: the run
+        lives there, its events reach this process's subscribers that follow its session
+        or its id (the abort bus relays them), and ``abort_anywhere`` stops it. Raises what
+        ``start_run`` raises, on whichever process admitted it."""
+        run_id = run_id or uuid.uuid4().hex
+        options = {
+            "stop_policy": stop_policy,
+            "concurrency": concurrency,
+            "allow_cancel": allow_cancel,
+            "thinking": thinking,
+            "run_timeout": run_timeout,
+        }
+        try:
+            return await self.start_run(session_key, message, run_id, **options)  # type: ignore[arg-type]
+        except SessionElsewhere as elsewhere:
+            holder = elsewhere.process_id
+        await self.abort_bus.start_elsewhere(holder, session_key, message, run_id, options)
+        return None
 
     def abort(
         self,

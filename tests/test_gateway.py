@@ -72,6 +72,20 @@ async def test_the_same_idempotency_key_never_starts_a_second_run(stack) -> None
             assert [m["role"] for m in history["messages"]] == ["user", "assistant"]
 
 
+async def test_a_resent_key_keeps_its_run_followed(stack) -> None:
+    """A client that follows only other sessions and resends a live run's key (a retry
+    after a lost answer) still receives that run's events to its end."""
+    gateway, port, sim = stack
+    with trio.fail_after(30):
+        async with open_client(port) as client:
+            await client.ok("sessions.messages.subscribe", {"key": "elsewhere"})
+            brief = "Go.\n#sim words=40 rate=100"
+            assert (await client.ok("chat.send", send("s", brief, "k1")))["status"] == "started"
+            await client.wait_chat("k1", "delta")
+            assert (await client.ok("chat.send", send("s", brief, "k1")))["status"] == "in_flight"
+            await client.wait_chat("k1", "final")
+
+
 async def test_abort_while_the_model_is_silent(stack) -> None:
     gateway, port, sim = stack
     with trio.fail_after(30):

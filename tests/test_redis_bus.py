@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from adapters.redis_bus import RedisAbortBus, RedisBusError, SessionOnAnotherProcess
+from adapters.redis_bus import RedisAbortBus, RedisBusError
 from runtime import (
     MemoryStore,
     RunCancelled,
@@ -19,6 +19,7 @@ from runtime import (
     RunRecord,
     Runtime,
     ScriptedModel,
+    SessionElsewhere,
     TextDelta,
     text_turn,
     validate_history,
@@ -244,7 +245,7 @@ async def test_a_sessions_runs_live_on_one_process_at_a_time(redis: Redis) -> No
     with trio.fail_after(30):
         async with runtime(store, redis) as a, runtime(store, redis) as b:
             run = await a.start_run("s", "q", "r1")
-            with pytest.raises(SessionOnAnotherProcess, match="on another gateway process"):
+            with pytest.raises(SessionElsewhere, match="on another gateway process"):
                 await b.start_run("s", "q", "r2")
             assert await store.get_run("r2") is None  # nothing of it was written
             queued = await a.start_run("s", "q", "r3")  # the holder queues it as usual
@@ -257,7 +258,7 @@ async def test_a_sessions_runs_live_on_one_process_at_a_time(redis: Redis) -> No
                 while True:
                     try:
                         later = await b.start_run("s", "q", "r5")
-                    except SessionOnAnotherProcess:
+                    except SessionElsewhere:
                         await trio.sleep(0.01)
                     else:
                         break

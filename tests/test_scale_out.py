@@ -87,10 +87,6 @@ async def test_a_stop_sent_to_b_stops_the_run_on_a(postgres: Postgres, redis: Re
         ):
             assert (await on_a.ok("chat.send", send("s", SLOW, "r1")))["status"] == "started"
             await wait_deltas(on_a, "r1", 5)
-            # the session's runs live on A while it has one: a send to B is refused
-            busy = await on_b.call("chat.send", send("s", QUICK, "r0"))
-            assert not busy["ok"] and busy["error"]["code"] == "UNAVAILABLE"
-            assert "another gateway process" in busy["error"]["message"]
             started = time.perf_counter()
             answer = await on_b.ok("chat.abort", {"sessionKey": "s", "runId": "r1"})
             answered_ms = (time.perf_counter() - started) * 1000
@@ -349,3 +345,46 @@ async def test_a_client_that_reconnects_to_b_resumes_a_run_on_a(
         partial = next(m for m in messages if m.meta.get("run_id") == "r1" and m.role != "user")
         assert partial.text == kept  # what B's client showed is what was saved
         assert (await store.get_run("r4")).status == "cancelled"
+
+
+async def test_a_message_sent_to_b_for_a_session_on_a_is_admitted_there(
+    postgres: Postgres, redis: Redis, env
+) -> None:
+    """No sticky sessions: a send to B for a session whose run lives on A goes to A, which
+    queues it or interrupts its run as the policy says; B's client follows it."""
+    db = postgres.create_database()
+    with trio.fail_after(BOUND):
+        async with (
+            gateways(env, db, redis, 2) as (a, b),
+            open_client(a.port) as on_a,
+            open_client(b.port) as on_b,
+        ):
+            await on_b.ok("sessions.messages.subscribe", {"key": "elsewhere"})  # not s
+            await on_a.ok("chat.send", send("s", SLOW, "r1"))
+            await wait_deltas(on_a, "r1", 2)
+            followup = send("s", QUICK, "r2") | {"queueMode": "followup"}
+            assert (await on_b.ok("chat.send", followup))["status"] == "started"
+            again = await on_b.ok("chat.send", followup)  # the same idempotency key
+            assert again["status"] in ("in_flight", "ok")
+            history = await on_b.ok("chat.history", {"sessionKey": "s"})
+            assert [r["runId"] for r in history["liveRuns"]] == ["r1", "r2"]  # on A
+            await on_b.ok("chat.abort", {"sessionKey": "s", "runId": "r1"})
+            final = await on_b.wait_chat("r2", "final")  # run on A, followed from B
+            assert final_text(final["payload"]) == delivered(on_b, "r2")
+            assert not on_b.events("chat", "r1")  # B's client follows r2, not the session
+            # interrupt: A's run is stopped, the message sent to B starts there at once
+            await on_a.ok("chat.send", send("s", SLOW, "r3"))
+            await wait_deltas(on_a, "r3", 2)
+            steer = send("s", QUICK, "r4") | {"queueMode": "interrupt"}
+            assert (await on_b.ok("chat.send", steer))["status"] == "started"
+            stopped = await on_a.wait_chat("r3", "aborted")
+            assert stopped["payload"]["stopReason"] == "interrupted"
+            await on_b.wait_chat("r4", "final")
+            await on_a.wait_chat("r4", "final")
+    async with PostgresStore(db) as store:
+        messages = await store.history("s")
+        validate_history(messages)
+        runs = [m.meta["run_id"] for m in messages if m.role == "user"]
+        assert runs == ["r1", "r2", "r3", "r4"]  # each once, in the order admitted
+        for run_id in ("r2", "r4"):
+            assert (await store.get_run(run_id)).status == "finished"

@@ -196,12 +196,18 @@ class Connection:
         except* ConnectionClosed:
             pass  # the client left; nothing of ours is lost (runs go on, or are aborted below)
         finally:
-            if ABORT_ON_DISCONNECT_CAP in self.caps:
-                for run_id in self._started_runs:
-                    try:
-                        self.gateway.runtime.abort(run_id=run_id, reason="disconnect")
-                    except AbortRefused:
-                        pass  # started with allowCancel false: it ends by itself
+            if ABORT_ON_DISCONNECT_CAP in self.caps and self._started_runs:
+                # its runs here are stopped at once; those on another process, within 2 s
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    for run_id in list(self._started_runs):
+                        try:
+                            await self.gateway.runtime.abort_anywhere(
+                                run_id, reason="disconnect"
+                            )
+                        except AbortRefused:
+                            pass  # started with allowCancel false: it ends by itself
+                        except Exception as exc:  # the bus unreachable: nothing more to do
+                            logger.warning("abort on disconnect of %s failed: %s", run_id, exc)
 
     async def close_after_flush(self, code: int, flush_timeout: float = 1.0) -> None:
         """Send what is buffered for this client (a run's last events), then close."""
@@ -547,7 +553,9 @@ class Connection:
         run_id = params.idempotencyKey
         events = self._events
         assert events is not None  # methods are served after the handshake
-        events.follow_run(run_id)  # before it starts: its first event is already ours
+        # before it starts (here, or on the process that holds the session): its first
+        # event is already ours
+        events.follow_run(run_id, params.sessionKey)
         thinking = params.thinking is not None and params.thinking.lower() not in (
             "",
             "off",
@@ -555,7 +563,7 @@ class Connection:
         )
         timeout = params.timeoutMs / 1000 if params.timeoutMs else None
         try:
-            await runtime.start_run(
+            await runtime.start_run_anywhere(
                 params.sessionKey,
                 params.message,
                 run_id,
@@ -565,7 +573,8 @@ class Connection:
                 allow_cancel=allow_cancel,
             )
         except RunExists as exists:  # the idempotency key was used: never a second run
-            events.unfollow_run(run_id)  # started elsewhere: followed by session, if at all
+            if not exists.live:  # a live one is followed still: the client resent it
+                events.unfollow_run(run_id)
             return {"runId": run_id, "status": "in_flight" if exists.live else "ok"}
         except BaseException:
             events.unfollow_run(run_id)
