@@ -337,6 +337,7 @@ async def test_a_client_that_reconnects_to_b_resumes_a_run_on_a(
             cleared = await page.ok("sessions.abort", {"key": "s", "clearQueued": True})
             assert sorted(cleared["runIds"]) == ["r3", "r4"] and cleared["aborted"] is True
             await page.wait_chat("r3", "aborted")
+            await page.wait_chat("r4", "aborted")
             history = await page.ok("chat.history", {"sessionKey": "s"})
             assert "inFlightRun" not in history and history["liveRuns"] == []
     async with PostgresStore(db) as store:

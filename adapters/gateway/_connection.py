@@ -179,6 +179,7 @@ class Connection:
     _requests: dict[str, _Pending] = attrs.field(factory=dict)  # read, not yet answered
     _events: Subscription | None = None
     _view: EventView | None = None
+    _seeding: trio.Event | None = None  # set while sessions.messages.subscribe reads runs
     _sender_done: trio.Event = attrs.field(factory=trio.Event)
     # its deadline is the frame being written's (send_timeout after it began); inf when idle
     _write_deadline: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -417,6 +418,8 @@ class Connection:
                     self._started_runs.discard(event.run_id)
                 if READ not in self.scopes or not self.principal.owns(event.session_key):
                     continue
+                if self._seeding is not None:  # what comes is read after the snapshot
+                    await self._seeding.wait()
                 for name, payload in view.frames(event):
                     await self._event_raw(name, payload)
                 if isinstance(event, RunCancelled):
@@ -681,13 +684,19 @@ class Connection:
         events, view = self._events, self._view
         assert events is not None and view is not None
         followed = events.follows_everything or params.key in events.sessions
-        events.follow_session(params.key)
-        # The runs' text so far (here, or on the process that holds the session); the
-        # view drops the events this connection receives that the snapshots hold already.
-        live = await self.gateway.runtime.live_runs_anywhere(params.key)
-        if not followed:  # followed anew: the next delta of each run carries its text so far
-            view.seed([r for r in live if r.run_id not in events.runs], refresh=True)
-        view.seed(live)
+        # The runs' text so far (here, or on the process that holds the session), read
+        # after following: the events that come meanwhile wait (_send_events) until the
+        # view has the snapshots, which then drops those the snapshots hold (by seq).
+        self._seeding = seeding = trio.Event()
+        try:
+            events.follow_session(params.key)
+            live = await self.gateway.runtime.live_runs_anywhere(params.key)
+            if not followed:  # followed anew: the next delta of each run carries its text
+                view.seed([r for r in live if r.run_id not in events.runs], refresh=True)
+            view.seed(live)
+        finally:
+            self._seeding = None
+            seeding.set()
         self._forget_unfollowed()
         return {"subscribed": True, "key": params.key}
 
