@@ -341,14 +341,17 @@ class Runtime:
         self._admitting[run_id] = trio.Event()
         claimed = False
         try:
-            if (recorded := await self.store.get_run(run_id)) is not None:
-                # running, yet not live here: live on another process sharing the store
-                raise RunExists(run_id, live=recorded.status == "running")
             settings = await self.store.get_settings(session_key)
-            # the last await: another process may own this id (see _abort)
+            # Claimed first, then looked for in the store: a process that ran this id
+            # wrote its record before releasing it, so no process can start it again
+            # between the two (see _abort). An abort that comes meanwhile is kept for
+            # registration.
             claimed = await self.abort_bus.claim(run_id, session_key)
             if not claimed:
                 raise RunExists(run_id, live=True)
+            if (recorded := await self.store.get_run(run_id)) is not None:
+                # running, yet not live here: left by a process that died
+                raise RunExists(run_id, live=recorded.status == "running")
         except BaseException:
             if claimed:  # the claim landed but the run will not be registered
                 self.abort_bus.released(run_id)
