@@ -343,3 +343,44 @@ async def test_a_process_receives_only_the_sessions_its_subscribers_follow(
             assert seqs == sorted(set(seqs))
             assert everything.follows_everything
             await settled({"s": 0, "t": 0}, 0)
+
+
+async def test_an_id_another_process_ran_meanwhile_is_not_started_again(redis: Redis) -> None:
+    """Found by the two-process schedules: B read no record of r1 (A's run, stopped
+    before it began, writes its record only at its end), A then ended r1 and released
+    it, and B claimed r1 and ran it a second time. The id is now claimed before it is
+    looked up in the store; here B's lookup answers only after A released r1."""
+    store = MemoryStore()
+    released = trio.Event()
+
+    class LateLookup:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def get_run(self, run_id: str) -> RunRecord | None:
+            record = await store.get_run(run_id)
+            await released.wait()
+            return record
+
+    with trio.fail_after(30):
+        async with (
+            runtime(store, redis) as a,
+            Runtime(
+                model=slow_model(), store=LateLookup(), abort_bus=RedisAbortBus(redis.url)
+            ) as b,
+        ):
+            run = await a.start_run("s", "q", "r1")
+            a.abort("r1")  # before it began: no record of it until its end is written
+            async with trio.open_nursery() as nursery:
+
+                async def resend() -> None:
+                    with pytest.raises(RunExists):
+                        await b.start_run("s", "q", "r1")
+
+                nursery.start_soon(resend)
+                await run.wait()
+                while await redis_has(a.abort_bus, "owner:r1"):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                released.set()
+            assert b.get_run("r1") is None
+            assert (await store.get_run("r1")).status == "cancelled"
