@@ -539,7 +539,11 @@ class Runtime:
             why = f"The run's result could not be saved within {self.commit_timeout} s."
             self._unsaved(run, plan, why)
         del self._runs[run.run_id]
-        self.abort_bus.released(run.run_id)
+        # Owned until its end is written: a failed commit keeps its claim (and so its id
+        # and session) until _settle lands it, or another process could start the same id
+        # again, finding neither a record nor an owner. Found by the two-gateway schedules.
+        if run.run_id not in self._unsettled:
+            self.abort_bus.released(run.run_id)
         chain = self._sessions[run.session_key]
         chain.remove(run)
         if not chain:
@@ -814,7 +818,8 @@ class Runtime:
                 record = attrs.evolve(record, set_aside=tuple(items), error=SET_ASIDE)
                 items = []
         await self.store.commit_run(record, items, rollback=plan.rollback)
-        self._unsettled.pop(record.run_id, None)
+        if self._unsettled.pop(record.run_id, None) is not None:
+            self.abort_bus.released(record.run_id)  # its end is written at last
         logger.info(
             "settled run session=%s run=%s status=%s items=%d set_aside=%d",
             record.session_key,
