@@ -329,6 +329,12 @@ class Runtime:
                 # running, yet not live here: live on another process sharing the store
                 raise RunExists(run_id, live=recorded.status == "running")
             settings = await self.store.get_settings(session_key)
+            # Refused before the claim where it can be: while claimed, another process
+            # answers a send of this id "in_flight" and an abort of it "aborted", for a run
+            # that then never runs. (Checked again below: the session may fill meanwhile.)
+            busy = self._sessions.get(session_key)
+            if busy and (concurrency or settings.concurrency) == "reject":
+                raise SessionBusy(session_key, busy[0].run_id)
             # the last await: another process may own this id (see _abort)
             claimed = await self.abort_bus.claim(run_id, session_key)
             if not claimed:

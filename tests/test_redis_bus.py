@@ -19,6 +19,7 @@ from runtime import (
     RunRecord,
     Runtime,
     ScriptedModel,
+    SessionBusy,
     TextDelta,
     text_turn,
     validate_history,
@@ -143,6 +144,36 @@ async def test_an_abort_while_the_run_is_being_claimed_still_wins(redis: Redis) 
                 bus.gate.set()
             assert isinstance(await runs[0].wait(), RunCancelled)
             assert runs[0].text == ""
+
+
+async def test_a_send_the_reject_policy_refuses_takes_no_claim(redis: Redis) -> None:
+    """Found by the two-gateway stop schedules: a send that the reject policy refused
+    claimed its id first, and the same id sent to another process meanwhile was answered
+    "in_flight" (RunExists) for a run that never ran."""
+    store = MemoryStore()
+    bus = SlowClaim(RedisAbortBus(redis.url))
+    bus.gate.set()
+    with trio.fail_after(30):
+        async with (
+            Runtime(model=slow_model(), store=store, abort_bus=bus) as a,
+            runtime(store, redis) as b,
+        ):
+            await a.start_run("s", "q", "r1")
+            bus.gate = trio.Event()  # from now on a claim that landed waits here
+            refused = trio.Event()
+
+            async def send_to_a() -> None:
+                with pytest.raises(SessionBusy):
+                    await a.start_run("s", "q", "r2", concurrency="reject")
+                refused.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_to_a)
+                while not refused.is_set() and not await redis_has(bus.inner, "owner:r2"):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                with pytest.raises(SessionOnAnotherProcess):  # no run r2, anywhere
+                    await b.start_run("s", "q", "r2")
+                bus.gate.set()
 
 
 async def redis_has(bus: RedisAbortBus, key: str) -> bool:
