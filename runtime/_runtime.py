@@ -342,6 +342,14 @@ class Runtime:
         claimed = False
         try:
             settings = await self.store.get_settings(session_key)
+            # Refused before the claim where it can be: while claimed, another process
+            # answers a send of this id "in_flight" and an abort of it "aborted", for a run
+            # that then never runs. (Checked again below: the session may fill meanwhile.)
+            busy = self._sessions.get(session_key)
+            if busy and (concurrency or settings.concurrency) == "reject":
+                if (recorded := await self.store.get_run(run_id)) is not None:
+                    raise RunExists(run_id, live=recorded.status == "running")
+                raise SessionBusy(session_key, busy[0].run_id)
             # Claimed first, then looked for in the store: a process that ran this id
             # wrote its record before releasing it, so no process can start it again
             # between the two (see _abort). An abort that comes meanwhile is kept for
@@ -613,7 +621,11 @@ class Runtime:
             why = f"The run's result could not be saved within {self.commit_timeout} s."
             self._unsaved(run, plan, why)
         del self._runs[run.run_id]
-        self.abort_bus.released(run.run_id)
+        # Owned until its end is written: a failed commit keeps its claim (and so its id
+        # and session) until _settle lands it, or another process could start the same id
+        # again, finding neither a record nor an owner. Found by the two-gateway schedules.
+        if run.run_id not in self._unsettled:
+            self.abort_bus.released(run.run_id)
         chain = self._sessions[run.session_key]
         chain.remove(run)
         if not chain:
@@ -888,7 +900,8 @@ class Runtime:
                 record = attrs.evolve(record, set_aside=tuple(items), error=SET_ASIDE)
                 items = []
         await self.store.commit_run(record, items, rollback=plan.rollback)
-        self._unsettled.pop(record.run_id, None)
+        if self._unsettled.pop(record.run_id, None) is not None:
+            self.abort_bus.released(record.run_id)  # its end is written at last
         logger.info(
             "settled run session=%s run=%s status=%s items=%d set_aside=%d",
             record.session_key,

@@ -1,5 +1,8 @@
 """One long-lived stack for property tests: sim + OpenAI-compatible adapter + SQLite file +
-Runtime with two tools + Gateway, served by its own ``trio.run`` in a thread.
+Runtime with two tools + Gateway, served by its own ``trio.run`` in a thread. Or several
+gateways, each a ``Node`` with its own runtime, model client and store connection, sharing
+one PostgreSQL database and one Redis bus as separate gateway processes do (in one loop:
+sockets between them are real, and starting processes would cost more than the examples).
 
 Why a thread: hypothesis runs each example in a fresh ``trio.run``, and starting a sim,
 a store and a gateway per example would cost more than the example itself. Examples talk
@@ -20,7 +23,12 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,13 +38,16 @@ import trio
 from adapters.gateway import Gateway
 from adapters.openai_compat import open_openai_compat
 from adapters.sim import SimServer, serve_sim
-from adapters.sqlite_store import SQLiteStore
+from adapters.stores import open_store
 from runtime import (
+    AbortBus,
     Event,
+    LocalAbortBus,
     Model,
     ModelEvent,
     ModelRequest,
     Runtime,
+    Store,
     Tool,
     is_terminal,
 )
@@ -94,10 +105,10 @@ class Tracker:
 
 @attrs.define(eq=False)
 class FlakyStore:
-    """The SQLite store, except that the first commit of each run in ``fail_once``
-    fails, as a disk hiccup would: the runtime reports it and saves it later."""
+    """The store, except that the first commit of each run in ``fail_once`` fails, as a
+    disk hiccup would: the runtime reports it and saves it later."""
 
-    inner: SQLiteStore
+    inner: Store
     fail_once: set[str] = attrs.Factory(set)
 
     def __getattr__(self, name: str) -> Any:
@@ -146,18 +157,48 @@ class Terminal:
 
 
 @attrs.define(eq=False)
-class ScheduleServer:
+class Node:
+    """One gateway process: its runtime, gateway, model client and store, and what it
+    recorded (its own runs' events, and those relayed from the other nodes)."""
+
     port: int
     runtime: Runtime
     gateway: Gateway
-    sim: SimServer
     model: CountingModel
     tracker: Tracker
     store: FlakyStore
-    token: trio.lowlevel.TrioToken
+    idle_subscribers: int  # subscribed with no client connected: the recorder, the relay
     events: defaultdict[str, list[Event]] = attrs.Factory(lambda: defaultdict(list))
     terminals: dict[str, Terminal] = attrs.Factory(dict)
+
+    async def _record(self, scope: trio.CancelScope, task_status: trio.TaskStatus) -> None:
+        with scope, self.runtime.subscribe() as subscription:
+            task_status.started()
+            async for event in subscription:
+                self.events[event.run_id].append(event)
+                if is_terminal(event):
+                    run_id = event.run_id
+                    self.terminals[run_id] = Terminal(
+                        event, self.tracker.tools[run_id], self.tracker.streams[run_id]
+                    )
+
+
+@attrs.define(eq=False)
+class ScheduleServer:
+    nodes: list[Node]
+    sim: SimServer
+    token: trio.lowlevel.TrioToken
     _stop: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def port(self) -> int:
+        """The first (or only) gateway's port."""
+        return self.nodes[0].port
+
+    @property
+    def runtime(self) -> Runtime:
+        """The first (or only) gateway's runtime."""
+        return self.nodes[0].runtime
 
     def call(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``afn(*args)`` in the server's loop and return its result (blocking)."""
@@ -166,16 +207,6 @@ class ScheduleServer:
     async def call_from(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """``call`` from another Trio loop, without blocking that loop."""
         return await trio.to_thread.run_sync(functools.partial(self.call, afn, *args))
-
-    async def _record(self, scope: trio.CancelScope) -> None:
-        with scope, self.runtime.subscribe() as subscription:
-            async for event in subscription:
-                self.events[event.run_id].append(event)
-                if is_terminal(event):
-                    run_id = event.run_id
-                    self.terminals[run_id] = Terminal(
-                        event, self.tracker.tools[run_id], self.tracker.streams[run_id]
-                    )
 
     def run_tasks(self) -> list[str]:
         """Names of the tasks in the server's loop that belong to a run (call inside it)."""
@@ -189,64 +220,76 @@ class ScheduleServer:
         return [n for n in names if n.startswith(RUN_TASK_PREFIXES) or "_run_tool" in n]
 
 
-async def _serve(db_path: Path, ready: queue.Queue[ScheduleServer | BaseException]) -> None:
+async def _serve(
+    db: Path | str,
+    gateways: int,
+    bus: Callable[[], AbortBus],
+    ready: queue.Queue[ScheduleServer | BaseException],
+) -> None:
+    async with trio.open_nursery() as nursery:
+        sim = await nursery.start(serve_sim)
+        async with AsyncExitStack() as stack:
+            nodes = [
+                await stack.enter_async_context(_node(sim, open_store(db), bus()))
+                for _ in range(gateways)
+            ]
+            server = ScheduleServer(nodes, sim, trio.lowlevel.current_trio_token())
+            ready.put(server)
+            await server._stop.wait()
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _node(
+    sim: SimServer, opened_store: AbstractAsyncContextManager[Store], bus: AbortBus
+) -> AsyncIterator[Node]:
+    """One gateway, serving until the context ends."""
     tracker = Tracker()
     tools = [
         tracker.tool("fast", FAST_TOOL_SECONDS),
         tracker.tool("slow", SLOW_TOOL_SECONDS),
         tracker.tool("hung", HUNG_TOOL_SECONDS, blocking=True),
     ]
-    async with trio.open_nursery() as nursery:
-        sim = await nursery.start(serve_sim)
-        # One retry, so a 429 with a short retry_after is retried and a 500 fails fast.
-        async with open_openai_compat(
-            model="sim", base_url=sim.base_url + "/v1", max_retries=1
-        ) as inner:
-            model = CountingModel(inner, tracker)
-            async with SQLiteStore(db_path) as sqlite:
-                store = FlakyStore(sqlite)
-                runtime = Runtime(model=model, store=store, tools=tools)  # type: ignore[arg-type]
-                await _serve_runtime(runtime, sim, model, tracker, store, ready)
-        nursery.cancel_scope.cancel()
+    # One retry, so a 429 with a short retry_after is retried and a 500 fails fast.
+    async with (
+        open_openai_compat(model="sim", base_url=sim.base_url + "/v1", max_retries=1) as inner,
+        opened_store as opened,
+    ):
+        model = CountingModel(inner, tracker)
+        store = FlakyStore(opened)
+        runtime = Runtime(model=model, store=store, tools=tools, abort_bus=bus)  # type: ignore[arg-type]
+        async with runtime:
+            gateway = Gateway(runtime)
+            # tight lag bounds, so that a stalled client is closed within an example
+            gateway.max_buffered_bytes, gateway.send_timeout = STALL_BYTES, STALL_SECONDS
+            recording = trio.CancelScope()
 
+            async def serve(task_status: trio.TaskStatus[int]) -> None:
+                await gateway.serve("127.0.0.1", 0, task_status=task_status)
+                recording.cancel()  # the gateway has flushed its last events
 
-async def _serve_runtime(
-    runtime: Runtime,
-    sim: SimServer,
-    model: CountingModel,
-    tracker: Tracker,
-    store: FlakyStore,
-    ready: queue.Queue[ScheduleServer | BaseException],
-) -> None:
-    async with runtime:
-        gateway = Gateway(runtime)
-        # tight lag bounds, so that a stalled client is closed within an example
-        gateway.max_buffered_bytes, gateway.send_timeout = STALL_BYTES, STALL_SECONDS
-        recording = trio.CancelScope()
-
-        async def serve(task_status: trio.TaskStatus[int]) -> None:
-            await gateway.serve("127.0.0.1", 0, task_status=task_status)
-            recording.cancel()  # the gateway has flushed its last events
-
-        async with trio.open_nursery() as serving:
-            port = await serving.start(serve)
-            token = trio.lowlevel.current_trio_token()
-            server = ScheduleServer(port, runtime, gateway, sim, model, tracker, store, token)
-            serving.start_soon(server._record, recording)
-            ready.put(server)
-            await server._stop.wait()
-            gateway.shutdown()
+            async with trio.open_nursery() as serving:
+                port = await serving.start(serve)
+                relaying = getattr(bus, "relay_events", False)  # its own subscriber
+                node = Node(port, runtime, gateway, model, tracker, store, 1 + relaying)
+                await serving.start(node._record, recording)
+                yield node
+                gateway.shutdown()
 
 
 @contextmanager
-def schedule_server(db_path: Path) -> Iterator[ScheduleServer]:
-    """Start the stack in a thread; stop it (and join the thread) on exit."""
+def schedule_server(
+    db: Path | str, *, gateways: int = 1, bus: Callable[[], AbortBus] = LocalAbortBus
+) -> Iterator[ScheduleServer]:
+    """Start the stack in a thread; stop it (and join the thread) on exit. ``db`` is a
+    SQLite file or a PostgreSQL URL (``adapters.stores.open_store``); each of the
+    ``gateways`` opens its own store on it and gets its own ``bus()``."""
     ready: queue.Queue[ScheduleServer | BaseException] = queue.Queue()
     failure: list[BaseException] = []
 
     def main() -> None:
         try:
-            trio.run(_serve, db_path, ready)
+            trio.run(_serve, db, gateways, bus, ready)
         except BaseException as exc:  # reported to the test thread below
             failure.append(exc)
             ready.put(exc)

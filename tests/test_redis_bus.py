@@ -19,6 +19,7 @@ from runtime import (
     RunRecord,
     Runtime,
     ScriptedModel,
+    SessionBusy,
     SessionElsewhere,
     TextDelta,
     text_turn,
@@ -146,8 +147,80 @@ async def test_an_abort_while_the_run_is_being_claimed_still_wins(redis: Redis) 
             assert runs[0].text == ""
 
 
+async def test_a_send_the_reject_policy_refuses_takes_no_claim(redis: Redis) -> None:
+    """Found by the two-gateway stop schedules: a send that the reject policy refused
+    claimed its id first, and the same id sent to another process meanwhile was answered
+    "in_flight" (RunExists) for a run that never ran."""
+    store = MemoryStore()
+    bus = SlowClaim(RedisAbortBus(redis.url))
+    bus.gate.set()
+    with trio.fail_after(30):
+        async with (
+            Runtime(model=slow_model(), store=store, abort_bus=bus) as a,
+            runtime(store, redis) as b,
+        ):
+            await a.start_run("s", "q", "r1")
+            bus.gate = trio.Event()  # from now on a claim that landed waits here
+            refused = trio.Event()
+
+            async def send_to_a() -> None:
+                with pytest.raises(SessionBusy):
+                    await a.start_run("s", "q", "r2", concurrency="reject")
+                refused.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_to_a)
+                while not refused.is_set() and not await redis_has(bus.inner, "owner:r2"):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                with pytest.raises(SessionElsewhere):  # no run r2, anywhere
+                    await b.start_run("s", "q", "r2")
+                bus.gate.set()
+
+
 async def redis_has(bus: RedisAbortBus, key: str) -> bool:
     return bool(await bus._client.exists([bus.prefix + key]))
+
+
+class FailingCommits:
+    """A MemoryStore whose commits of the runs in ``failing`` fail, as on a disk hiccup."""
+
+    def __init__(self, *failing: str) -> None:
+        self.inner, self.failing = MemoryStore(), set(failing)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit_run(self, record: RunRecord, items: Any, *, rollback: bool) -> None:
+        if record.run_id in self.failing:
+            raise OSError("a disk hiccup (injected)")
+        await self.inner.commit_run(record, items, rollback=rollback)
+
+
+async def test_a_run_whose_end_is_not_saved_yet_keeps_its_id(redis: Redis) -> None:
+    """Found by the two-gateway stop schedules: a run stopped before it began, whose
+    commit failed, gave up its claim at once; with neither a record nor an owner, a resend
+    of its id to another process started a second run. It is owned until its end is
+    written."""
+    store = FailingCommits("r1")
+    with trio.fail_after(30):
+        async with runtime(store, redis) as a, runtime(store, redis) as b:
+            run = await a.start_run("s", "q", "r1")
+            a.abort("r1")  # before it began: nothing of it is stored, and its end fails
+            assert isinstance(await run.wait(), RunCancelled)
+            assert await store.get_run("r1") is None
+            # a later run's release lands after any release queued before it
+            other = await a.start_run("t", "q", "r2")
+            a.abort("r2")
+            await other.wait()
+            while await redis_has(a.abort_bus, "owner:r2"):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            with pytest.raises(RunExists):
+                await b.start_run("s", "q", "r1")
+            store.failing.clear()  # the next checkpoint tick saves it
+            while await store.get_run("r1") is None:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            with pytest.raises(RunExists):
+                await b.start_run("s", "q", "r1")
 
 
 async def test_a_starting_process_leaves_a_live_processs_runs_alone(redis: Redis) -> None:

@@ -14,8 +14,16 @@ the run's completion, and a send races the abort before it. After each example t
 invariants of ARCHITECTURE.md are checked against the SQLite store, the runtime's events
 and every frame each connection received.
 
-Cost: about 300 examples in about a minute on two cores (``--long``: 10,000, before a
-release). Every example is bounded by ``IO_BOUND``; no timing is asserted.
+The same schedules run across two gateways sharing one PostgreSQL database and one Redis
+bus (issue 14): each connection is attached to gateway A or B, so a send, a resend of its
+key or a stop may reach the gateway that does not hold the run. There a send may be
+refused because the session's runs live on the other gateway, a run's events reach B's
+clients relayed through Redis, and an abort by id of a run no gateway holds yet leaves a
+tombstone that stops it as it starts; everything else is checked as for one gateway.
+
+Cost: about 300 examples in about a minute on two cores, and 150 across two gateways in
+about 40 s (``--long``: 10,000 each, before a release). Every example is bounded by
+``IO_BOUND``; no timing is asserted.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapters.redis_bus import RedisAbortBus
 from runtime import (
     MemoryStore,
     Message,
@@ -67,8 +76,10 @@ from tests.helpers import (
     is_unsaved,
 )
 from tests.schedule_server import ScheduleServer, schedule_server
+from tests.services import Postgres, postgres_fixture, redis_server  # noqa: F401 (fixture)
 
 EXAMPLES = 300
+TWO_GATEWAY_EXAMPLES = 150  # each costs more: PostgreSQL commits, Redis round trips
 LONG_EXAMPLES = 10_000
 MAX_SENDS = 4
 
@@ -129,6 +140,8 @@ class Schedule:
     connections: int
     steps: tuple[Step, ...]
     stalled: bool = False  # one more connection, that never reads after the handshake
+    # the gateway of each connection, then of the stalled one (all 0 with one gateway)
+    attached: tuple[int, ...] = (0, 0, 0, 0)
 
 
 # ``{serial}`` makes each such line unique: the sim counts fail_count per exact line over
@@ -172,9 +185,10 @@ def scripts(draw: st.DrawFn) -> str:
 
 
 @st.composite
-def schedules(draw: st.DrawFn) -> Schedule:
+def schedules(draw: st.DrawFn, gateways: int = 1) -> Schedule:
+    """With several gateways, two or three connections, each attached to one of them."""
     script_count = draw(st.integers(1, 3))
-    connections = draw(st.integers(1, 2))
+    connections = draw(st.integers(1, 2) if gateways == 1 else st.integers(2, 3))
     conn = st.integers(0, connections - 1)
     sends: list[Send] = []
     steps = []
@@ -220,6 +234,11 @@ def schedules(draw: st.DrawFn) -> Schedule:
         connections,
         tuple(steps),
         draw(st.integers(0, 3)) == 0,
+        # Connection i on gateway i (mod their number) unless drawn otherwise: the simplest
+        # schedules cross gateways. Nothing is drawn for one: its fixed examples stay.
+        tuple((i + draw(st.integers(0, gateways - 1))) % gateways for i in range(connections + 1))
+        if gateways > 1
+        else (0,) * (connections + 1),
     )
 
 
@@ -238,6 +257,7 @@ class Snapshot:
     history: list[Message]
     records: dict[str, RunRecord | None]
     events: dict[str, list[Any]]  # run id -> its runtime events
+    relayed: dict[str, list[list[Any]]]  # run id -> its events as each other gateway got them
     tools_at_end: dict[str, int]  # run id -> its tools running when its end was seen
     streams_at_end: dict[str, int]  # run id -> its model streams open then
     run_tasks: list[str]
@@ -248,9 +268,12 @@ class Snapshot:
 @attrs.define
 class Played:
     session: str
+    gateways: int = 1
     prompts: dict[int, str] = attrs.Factory(dict)  # send index -> the message sent
     accepted: dict[str, str] = attrs.Factory(dict)  # run id -> its prompt
+    owners: dict[str, int] = attrs.Factory(dict)  # run id -> the gateway that started it
     claims: defaultdict[str, list[str]] = attrs.Factory(lambda: defaultdict(list))
+    missed: set[str] = attrs.Factory(set)  # runs an abort named, that said aborted: false
     snapshot: Snapshot | None = None
     received: list[list[Frame]] = attrs.Factory(list)  # per connection
 
@@ -329,7 +352,9 @@ def op_request(schedule: Schedule, played: Played, sends: list[Send], op: Op) ->
     return "sessions.abort", {"key": session, "clearQueued": op.how == "sessions.abort+queued"}
 
 
-def record_reply(played: Played, op: Op, params: dict, reply: Frame) -> None:
+def record_reply(
+    schedule: Schedule, played: Played, sends: list[Send], op: Op, params: dict, reply: Frame
+) -> None:
     """Note what a reply says; the replies' own rules are asserted here."""
     run_id = params.get("idempotencyKey")
     if isinstance(op, Abort):
@@ -338,15 +363,23 @@ def record_reply(played: Played, op: Op, params: dict, reply: Frame) -> None:
         assert payload["aborted"] == bool(payload["runIds"]), payload
         for aborted in payload["runIds"]:
             played.claims[aborted].append(STOP_REASONS.get(op.how, "rpc"))
+        if params.get("runId") and not payload["aborted"]:
+            played.missed.add(params["runId"])
         return
-    if not reply["ok"]:  # only the reject policy may refuse a message, and it says so
-        assert reply["error"]["code"] == "UNAVAILABLE", reply
-        assert reply["error"]["retryable"] is True
+    if not reply["ok"]:  # refused, retryable: by the reject policy, or because the
+        # session's runs live on another gateway (then it started nothing, saved nothing)
+        error = reply["error"]
+        assert error["code"] == "UNAVAILABLE" and error["retryable"] is True, reply
+        send = op if isinstance(op, Send) else sends[op.send]
+        rejects = schedule.concurrency == "reject" and send.queue_mode is None
+        elsewhere = played.gateways > 1 and "another gateway process" in error["message"]
+        assert rejects or elsewhere, reply
         return
     status = reply["payload"]["status"]
     if status == "started":
         assert run_id not in played.accepted, f"the key {run_id} started a second run"
         played.accepted[run_id] = params["message"]
+        played.owners[run_id] = schedule.attached[op.conn]
     else:
         assert status in ("in_flight", "ok") and run_id in played.accepted, reply
 
@@ -361,19 +394,21 @@ async def wait_step(clients: list[Client], played: Played, when: float | Upon) -
 
 
 async def play(server: ScheduleServer, schedule: Schedule) -> Played:
-    played = Played(session=f"sched-{uuid.uuid4().hex[:10]}")
+    played = Played(session=f"sched-{uuid.uuid4().hex[:10]}", gateways=len(server.nodes))
     sends: list[Send] = []
+    ports = [server.nodes[gateway].port for gateway in schedule.attached]
     await server.call_from(_clear_sim, server)
     with trio.fail_after(IO_BOUND):
         async with AsyncExitStack() as stack:
             clients = [
                 await stack.enter_async_context(
-                    open_client(server.port, caps=["tool-events"] if index == 0 else None)
+                    open_client(ports[index], caps=["tool-events"] if index == 0 else None)
                 )
                 for index in range(schedule.connections)
             ]
             if schedule.stalled:
-                await stack.enter_async_context(open_raw(server.port, graceful=False))
+                stalled = ports[schedule.connections]
+                await stack.enter_async_context(open_raw(stalled, graceful=False))
             await clients[0].ok(
                 "runtime.sessions.configure",
                 {
@@ -402,7 +437,7 @@ async def play(server: ScheduleServer, schedule: Schedule) -> Played:
                     key=lambda reply: reply[2].get("payload", {}).get("status") != "started"
                 )
                 for op, params, reply in replies:
-                    record_reply(played, op, params, reply)
+                    record_reply(schedule, played, sends, op, params, reply)
             for client in clients:
                 for run_id in played.accepted:
                     await client.wait_event(lambda f, run_id=run_id: is_end(f, run_id))
@@ -418,7 +453,7 @@ async def play(server: ScheduleServer, schedule: Schedule) -> Played:
             )
             await clients[0].wait_chat(probe, "final")
             played.snapshot = await server.call_from(
-                _inspect, server, played.session, list(played.accepted)
+                _inspect, server, played.session, played.owners
             )
             played.received = [client.received for client in clients]
         # every frame was checked against OpenClaw's schema as the clients closed
@@ -428,47 +463,67 @@ async def play(server: ScheduleServer, schedule: Schedule) -> Played:
 
 async def _clear_sim(server: ScheduleServer) -> None:
     server.sim.clear_connections()
-    server.model.cut = 0
+    for node in server.nodes:
+        node.model.cut = 0
 
 
 async def _fail_commit_once(server: ScheduleServer, run_id: str) -> None:
-    server.store.fail_once.add(run_id)
+    for node in server.nodes:  # whichever gateway starts it
+        node.store.fail_once.add(run_id)
 
 
-async def _inspect(server: ScheduleServer, session: str, run_ids: list[str]) -> Snapshot:
-    """Run in the server's loop once every run has ended."""
+async def _inspect(server: ScheduleServer, session: str, owners: dict[str, int]) -> Snapshot:
+    """Run in the server's loop once every run has ended; ``owners``: run id -> the node
+    that ran it."""
     sim = server.sim
-    store = server.runtime.store
+    store = server.runtime.store  # the one database every node uses
     # A run whose commit failed is saved by the runtime's next checkpoint tick. Polled:
     # nothing signals it.
     with trio.fail_after(IO_BOUND):
-        for run_id in run_ids:
+        for run_id in owners:
             while (record := await store.get_run(run_id)) is None or record.status == "running":  # noqa: ASYNC110
                 await trio.sleep(0.01)
-        server.store.fail_once.clear()
+        for node in server.nodes:
+            node.store.fail_once.clear()
     # Invariant 6, first half: every provider connection the example opened is closed.
     with trio.fail_after(IO_BOUND):
         await sim.wait_closed(count=len(sim.connections()))
     # Invariants 2 and 4: valid history; no run registered, no model stream open.
-    history = await check_settled(server.runtime, server.model, session)
+    for node in server.nodes:
+        history = await check_settled(node.runtime, node.model, session)
+    # Every node's subscribers get every run's events: its own, or relayed by the bus.
+    # Polled: a node no client is attached to may not have them yet.
+    with trio.fail_after(IO_BOUND):
+        while any(r not in node.terminals for node in server.nodes for r in owners):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    owner = {run_id: server.nodes[index] for run_id, index in owners.items()}
     return Snapshot(
         history=history,
-        records={run_id: await store.get_run(run_id) for run_id in run_ids},
-        events={run_id: list(server.events[run_id]) for run_id in run_ids},
-        tools_at_end={r: server.terminals[r].tools_running for r in run_ids},
-        streams_at_end={r: server.terminals[r].streams_open for r in run_ids},
+        records={run_id: await store.get_run(run_id) for run_id in owners},
+        events={r: list(node.events[r]) for r, node in owner.items()},
+        relayed={
+            r: [list(other.events[r]) for other in server.nodes if other is not node]
+            for r, node in owner.items()
+        },
+        tools_at_end={r: node.terminals[r].tools_running for r, node in owner.items()},
+        streams_at_end={r: node.terminals[r].streams_open for r, node in owner.items()},
         run_tasks=server.run_tasks(),
         sim_closed_by=[record.closed_by for record in sim.connections()],
-        streams_cut=server.model.cut,
+        streams_cut=sum(node.model.cut for node in server.nodes),
     )
 
 
 async def _wait_unsubscribed(server: ScheduleServer) -> None:
-    """Invariant 4, subscribers: once the clients left, only the recorder is subscribed."""
+    """Invariant 4, subscribers: once the clients left, only the recorder (and the bus's
+    relay) is subscribed."""
     with trio.fail_after(IO_BOUND):
-        # Polled: nothing signals a connection's end.
-        while server.gateway.connections or server.runtime.statistics().subscribers != 1:  # noqa: ASYNC110
-            await trio.sleep(0.002)
+        for node in server.nodes:
+            # Polled: nothing signals a connection's end.
+            while (  # noqa: ASYNC110
+                node.gateway.connections
+                or node.runtime.statistics().subscribers != node.idle_subscribers
+            ):
+                await trio.sleep(0.002)
 
 
 # -- the invariants -------------------------------------------------------------------
@@ -483,6 +538,10 @@ def check_store(played: Played) -> dict[str, TerminalEvent]:
         events = snapshot.events[run_id]
         # Invariant 1: exactly one terminal event per run, last, seq increasing.
         terminal = terminals[run_id] = check_run_events(events)
+        # and so on every other gateway, relayed: the same run, text and end
+        for relayed in snapshot.relayed[run_id]:
+            assert check_run_events(relayed) == terminal
+            assert delivered_text(relayed) == delivered_text(events)
         # Invariant 1, in the store: the run's record is final and agrees with the event.
         record = snapshot.records[run_id]
         if is_unsaved(terminal):  # reported as not saved, then saved as what it was
@@ -505,8 +564,11 @@ def check_store(played: Played) -> dict[str, TerminalEvent]:
     assert set(stored_prompts) <= set(played.accepted), stored_prompts
     # Invariant 4: no run's task is left, nor any tool's.
     assert snapshot.run_tasks == [], snapshot.run_tasks
-    # Invariant 5: an abort that said aborted won; one too late said nothing.
-    check_abort_claims(played.claims, terminals, requested=("rpc", "stop-command"))
+    # Invariant 5: an abort that said aborted won; one too late said nothing. Across
+    # gateways an abort by id of a run no gateway holds yet leaves a tombstone, which
+    # stops the run as it starts (the abort that beats the start wins): not "too late".
+    beaten = played.missed if played.gateways > 1 else ()
+    check_abort_claims(played.claims, terminals, ("rpc", "stop-command"), beaten)
     # Invariant 6: the sim saw every connection closed, and closed by the client only
     # where the runtime left a stream early (a stop, or a malformed response).
     assert None not in snapshot.sim_closed_by
@@ -659,11 +721,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield running
 
 
-def test_no_stop_schedule_breaks_an_invariant(server: ScheduleServer, request: Any) -> None:
-    long = request.config.getoption("--long")
+@pytest.fixture(scope="module")
+def two_gateways(postgres: Postgres) -> Any:
+    """Two gateways sharing one PostgreSQL database and one Redis, as two processes do."""
+    with (
+        redis_server() as redis,
+        schedule_server(
+            postgres.create_database(), gateways=2, bus=lambda: RedisAbortBus(redis.url)
+        ) as running,
+    ):
+        yield running
 
+
+def play_schedules(server: ScheduleServer, strategy: Any, examples: int, long: bool) -> None:
     @settings(
-        max_examples=LONG_EXAMPLES if long else EXAMPLES,
+        max_examples=LONG_EXAMPLES if long else examples,
         # Real sockets on a shared 2-core machine: an example's time varies with load, so
         # a deadline would fail for no bug. IO_BOUND inside each example bounds hangs.
         deadline=None,
@@ -674,7 +746,7 @@ def test_no_stop_schedule_breaks_an_invariant(server: ScheduleServer, request: A
         print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(schedule=schedules())
+    @given(schedule=strategy)
     def check(schedule: Schedule) -> None:
         played = trio.run(play, server, schedule)
         terminals = check_store(played)
@@ -682,3 +754,16 @@ def test_no_stop_schedule_breaks_an_invariant(server: ScheduleServer, request: A
             check_connection(received, played, terminals)
 
     check()
+
+
+def test_no_stop_schedule_breaks_an_invariant(server: ScheduleServer, request: Any) -> None:
+    play_schedules(server, schedules(), EXAMPLES, request.config.getoption("--long"))
+
+
+def test_no_stop_schedule_across_two_gateways_breaks_an_invariant(
+    two_gateways: ScheduleServer, request: Any
+) -> None:
+    """Issue 14: the same schedules, each connection on gateway A or B, so that a send, a
+    resend of its key or a stop may reach the gateway that does not run the run."""
+    long = request.config.getoption("--long")
+    play_schedules(two_gateways, schedules(gateways=2), TWO_GATEWAY_EXAMPLES, long)
