@@ -242,6 +242,7 @@ _RESUBSCRIBE = CompositeRetryPolicy(
     ),
     ConstantRetryPolicy((TimeoutError,), retries=2, delay=0.1),
 )  # fmt: skip
+UNREACHABLE = (coredis.exceptions.RedisError, OSError)  # Redis down, restarting, refusing
 RESEND_AFTER = 0.25  # seconds without an answer before an abort request is sent again
 ANSWERS_KEPT = 1000  # answers kept by request id, for requests sent again
 REMOTE_ENDS_KEPT = 1000  # ended runs of other processes remembered, for late copies
@@ -333,7 +334,7 @@ class RedisAbortBus:
                 self._scripts[name] = client.register_script(source)
             try:
                 await self._beat_once()
-            except (coredis.exceptions.RedisError, OSError) as exc:
+            except UNREACHABLE as exc:
                 raise RedisBusError(
                     f"Redis at {self.url} could not be reached ({exc}). Start it, or check "
                     "the URL given to --bus."
@@ -454,10 +455,14 @@ class RedisAbortBus:
     async def live_elsewhere(self, session_key: str) -> list[RunSnapshot]:
         await self._following_now()
         with self._request({"kind": "live", "session_key": session_key}) as (waiter, message):
-            holder = await self._scripts["holder"](
-                [self._key("session", session_key)],
-                [self._key("alive", ""), self.process_id, self._key("requests", ""), message],
-            )
+            try:
+                holder = await self._scripts["holder"](
+                    [self._key("session", session_key)],
+                    [self._key("alive", ""), self.process_id, self._key("requests", ""), message],
+                )
+            except UNREACHABLE as exc:  # the history is served all the same
+                logger.warning("runs of other processes unknown (Redis unreachable): %s", str(exc))
+                return []
             if holder is None or holder == self.process_id:
                 return []
             replies = await self._replies(waiter, message, holder, sent=True)
@@ -505,10 +510,14 @@ class RedisAbortBus:
     async def held_elsewhere(self, session_keys: Sequence[str]) -> set[str]:
         if not session_keys:
             return set()
-        held = await self._scripts["held"](
-            [self._key("session", key) for key in session_keys],
-            [self._key("alive", ""), self.process_id],
-        )
+        try:
+            held = await self._scripts["held"](
+                [self._key("session", key) for key in session_keys],
+                [self._key("alive", ""), self.process_id],
+            )
+        except UNREACHABLE as exc:  # the sessions are listed all the same
+            logger.warning("runs of other processes unknown (Redis unreachable): %s", str(exc))
+            return set()
         return {key for key, flag in zip(session_keys, held, strict=True) if flag}
 
     @contextmanager
@@ -636,7 +645,7 @@ class RedisAbortBus:
                     await pubsub.unsubscribe(*old)
                     self._relaying -= old
             except Exception as exc:
-                logger.warning("following sessions' events failed, to be retried: %s", exc)
+                logger.warning("following sessions' events failed, to be retried: %s", str(exc))
                 version = None  # read the routes again, without waiting for a change
                 await trio.sleep(self.heartbeat)
                 continue

@@ -301,6 +301,9 @@ async def test_after_a_redis_restart_the_owner_is_found_again(
             second = await a.start_run("t", "q", "r2")
             await first_delta(a, "r1")
             redis.stop()
+            # what other processes run is unknown meanwhile, and reads go on without it
+            assert await b.live_runs_anywhere("s") == []
+            assert await b.abort_bus.held_elsewhere(["s"]) == set()
             await trio.sleep(0.5)  # heartbeats fail meanwhile; the runs go on
             redis.start()  # empty: every key is gone
             # an abort before A's heartbeat came back: no owner, but the tombstone stays
