@@ -32,7 +32,7 @@ DEFAULT: Final = (
     "stop_commit",
     "mcp_stop",
 )
-ON_REQUEST: Final = ("soak", "scale_out")
+ON_REQUEST: Final = ("soak", "scale_out", "scale_out_throughput")
 ROOT: Final = pathlib.Path(__file__).resolve().parent.parent
 REPORT: Final = ROOT / "BENCHMARKS.md"
 QUICK_REPORT: Final = ROOT / "bench-quick" / "BENCHMARKS.md"  # ignored by git

@@ -1,0 +1,482 @@
+"""Scale-out throughput: do two gateway processes carry more streaming than one?
+
+Issue 14's target: two ``trio-agent serve`` processes on the 2-core machine carry at least
+1.7 times the streaming deltas/s of one, with the stop p99 under load no worse than one
+process at half the load. Measured as users meet it: every configuration runs on a
+private PostgreSQL and a private Redis (``--db postgresql://... --bus unix://...``, as
+scale_out starts them), each gateway is ``trio-agent serve --provider openai`` pointed at
+the simulated provider in its own process (``provider_close.sim_process``), and each
+streaming session has its own WebSocket connection (a user watching a reply): it
+subscribes to its session and sends the message on the gateway it is connected to, so its
+run lives there. Connections are dealt to the gateways in turn.
+
+The sessions' connections (``Viewer``) are the load generator, in this process: past the
+handshake and their three requests they read the socket and count the chat delta frames
+in the bytes (a JSON string escapes its quotes, so ``"state":"delta"`` occurs only as the
+field), without WebSocket or JSON parsing, so the clients cost as little as reading can.
+
+1. One gateway, sessions doubled from a start until its deltas/s stops rising (less than
+   ``RISE`` more for twice the sessions): that count is L, the load one gateway cannot
+   carry; its delivered deltas/s is one gateway's figure.
+2. One gateway at L/2: deltas/s, and the stop latency (``gateway_stop.trial``: a
+   measuring client's ``chat.abort`` to its ``aborted`` event) under that load.
+3. Two gateways, L/2 sessions each (L in all): total deltas/s and the stop latency, the
+   trials dealt to the two gateways in turn.
+
+CPU is sampled from /proc for each gateway, the provider, this process (the load
+generator and the measuring clients), Redis, PostgreSQL (the postmaster and its backends),
+and the whole machine (/proc/stat), over each measuring window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final
+
+import attrs
+import trio
+
+from ._gateway import CONNECT, Client, GatewayProcess, cpu_seconds, gateway_process, open_client
+from ._report import Plot, Section, Series, Summary, ms
+from .gateway_stop import PROVIDERS, WARMUP, trial
+from .provider_close import sim_process
+from .scale_out import serve_command
+
+RATE: Final = 20.0  # words (deltas) per second of each session's reply
+WORDS: Final = 20_000  # each reply: long enough not to end while measured (1000 s)
+RISE: Final = 1.15  # deltas/s stopped rising: twice the sessions gave less than this times
+DELTA: Final = b'"state":"delta"'  # in a chat delta frame, and nowhere else
+FAILED: Final = b'"state":"error"'
+STARTING: Final = 32  # connections shaking hands at once
+START_BOUND: Final = 600.0  # seconds for every session to stream; longer is a hang
+
+
+@attrs.frozen
+class Plan:
+    start: int  # sessions on the first step of the sweep
+    most: int  # the sweep stops here even if the deltas/s still rose
+    window: float  # seconds of each throughput measurement
+    settle: float  # seconds after every session streams, before measuring
+    trials: int  # stops timed in each stop measurement
+
+
+FULL: Final = Plan(start=100, most=1600, window=10.0, settle=3.0, trials=200)
+QUICK: Final = Plan(start=4, most=8, window=1.0, settle=0.5, trials=3)
+
+
+# -- the load generator: one connection per streaming session -------------------------
+
+
+@attrs.define(eq=False)
+class Viewer:
+    """One session's connection, with just enough WebSocket to shake hands and send its
+    three requests (client frames masked with a zero key, as RFC 6455 allows); then it
+    only counts the chat delta frames (and error events) in the bytes it reads."""
+
+    stream: trio.SocketStream
+    deltas: int = 0
+    errors: int = 0
+    streaming: trio.Event = attrs.Factory(trio.Event)  # set at its first delta
+    _buffer: bytes = b""
+
+    async def _fill(self) -> None:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise RuntimeError("the gateway closed a session's connection")
+        self._buffer += data
+
+    async def _message(self) -> bytes:
+        """The next text message (a gateway sends each in one unmasked frame)."""
+        while True:
+            buffer = self._buffer
+            if len(buffer) >= 2:
+                size, at = buffer[1] & 0x7F, 2
+                if size == 126:
+                    size, at = int.from_bytes(buffer[2:4]), 4
+                elif size == 127:
+                    size, at = int.from_bytes(buffer[2:10]), 10
+                if len(buffer) >= at + size:  # the short header reads are then complete too
+                    if buffer[0] != 0x81:
+                        raise RuntimeError(f"unexpected WebSocket frame {buffer[:2]!r}")
+                    self._buffer = buffer[at + size :]
+                    return buffer[at : at + size]
+            await self._fill()
+
+    async def call(self, request_id: str, method: str, params: Mapping[str, Any]) -> None:
+        frame = {"type": "req", "id": request_id, "method": method, "params": params}
+        payload = json.dumps(frame).encode()
+        size = len(payload)
+        head = bytes([0x81, 0x80 | size]) if size < 126 else b"\x81\xfe" + size.to_bytes(2)
+        await self.stream.send_all(head + b"\0\0\0\0" + payload)
+        start = b'{"type":"res","id":"' + request_id.encode() + b'"'
+        while not (message := await self._message()).startswith(start):
+            pass  # events of other sessions (before it subscribed)
+        if not json.loads(message)["ok"]:
+            raise RuntimeError(f"{method} failed: {message[:300]!r}")
+
+    async def count(self) -> None:
+        """Read until cancelled, counting; a pattern split between two reads counts too."""
+        keep = len(DELTA) - 1
+        data, self._buffer = self._buffer, b""
+        while True:
+            self.deltas += data.count(DELTA)
+            self.errors += data.count(FAILED)
+            if self.deltas and not self.streaming.is_set():
+                self.streaming.set()
+            tail = data[-keep:]
+            data = tail + await self.stream.receive_some(65536)
+            if len(data) == len(tail):
+                raise RuntimeError("the gateway closed a session's connection")
+
+
+async def view(
+    port: int, session: str, *, task_status: trio.TaskStatus[Viewer] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Connect, follow ``session``, send its message; then count until cancelled."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade"
+            b"\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13"
+            b"\r\n\r\n"
+        )
+        viewer = Viewer(stream)
+        while b"\r\n\r\n" not in viewer._buffer:
+            await viewer._fill()
+        head, viewer._buffer = viewer._buffer.split(b"\r\n\r\n", 1)
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"no WebSocket upgrade: {head[:200]!r}")
+        await viewer._message()  # connect.challenge
+        await viewer.call("c", "connect", CONNECT)
+        await viewer.call("s", "sessions.messages.subscribe", {"key": session})
+        message = f"Keep talking.\n#sim words={WORDS} rate={RATE:g}"
+        params = {"sessionKey": session, "message": message, "idempotencyKey": session}
+        await viewer.call("m", "chat.send", params)
+        task_status.started(viewer)
+        await viewer.count()
+
+
+# -- CPU, from /proc --------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy, every core (/proc/stat)."""
+    fields = [int(x) for x in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):  # a backend that exited: its time is lost
+            total += cpu_seconds(pid)
+    return total
+
+
+@attrs.frozen
+class Cpu:
+    """Who to sample: each gateway, and the processes they compete with for the cores."""
+
+    gateways: tuple[int, ...]
+    postgres: pathlib.Path  # its data folder (postmaster.pid)
+
+    def sample(self) -> dict[str, float]:
+        mine = os.getpid()
+        children = _children(mine)
+        provider = [p for p in children if "adapters.sim" in _cmdline(p)]
+        redis = [p for p in children if "redis-server" in _cmdline(p)]
+        postmaster = int((self.postgres / "postmaster.pid").read_text().split()[0])
+        sampled = {f"gateway {i + 1}": cpu_seconds(pid) for i, pid in enumerate(self.gateways)}
+        return sampled | {
+            "provider": _seconds(provider),
+            "load generator": cpu_seconds(mine),
+            "Redis": _seconds(redis),
+            "PostgreSQL": _seconds([postmaster, *_children(postmaster)]),
+            "machine": _busy_seconds(),
+            "wall": time.monotonic(),
+        }
+
+    @staticmethod
+    def shares(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """Cores each used between two samples (1.0: one core all the time)."""
+        wall = after["wall"] - before["wall"]
+        return {k: (after[k] - before[k]) / wall for k in before if k != "wall"}
+
+
+# -- one configuration ---------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Setup:
+    """Gateways on one database and one Redis, the provider, and the sessions' viewers."""
+
+    gateways: list[GatewayProcess]
+    cpu: Cpu
+    nursery: trio.Nursery
+    viewers: list[Viewer] = attrs.Factory(list)
+
+    async def add_sessions(self, count: int, name: str) -> None:
+        """``count`` more sessions streaming, their connections dealt to the gateways in
+        turn; returns once every session has sent text."""
+        limiter = trio.CapacityLimiter(STARTING)
+        first = len(self.viewers)
+
+        async def one(index: int) -> None:
+            async with limiter:
+                port = self.gateways[index % len(self.gateways)].port
+                self.viewers.append(await self.nursery.start(view, port, f"{name}-{index}"))
+
+        with trio.fail_after(START_BOUND):
+            async with trio.open_nursery() as starting:
+                for index in range(first, first + count):
+                    starting.start_soon(one, index)
+            for viewer in self.viewers:
+                await viewer.streaming.wait()
+
+    async def throughput(self, seconds: float) -> Window:
+        before, deltas = self.cpu.sample(), self.delivered()
+        await trio.sleep(seconds)
+        after, now = self.cpu.sample(), self.delivered()
+        shares = Cpu.shares(before, after)
+        return Window(len(self.viewers), (now - deltas) / (after["wall"] - before["wall"]), shares)
+
+    def delivered(self) -> int:
+        errors = sum(v.errors for v in self.viewers)
+        if errors:
+            raise RuntimeError(f"{errors} sessions' runs failed")
+        return sum(v.deltas for v in self.viewers)
+
+
+@contextlib.asynccontextmanager
+async def configuration(
+    db: str, bus: str, postgres: pathlib.Path, count: int
+) -> AsyncIterator[Setup]:
+    """The provider and ``count`` gateways on ``db`` and ``bus``."""
+    more = ("--provider", "openai", "--model", "sim")
+    async with sim_process() as sim_url, contextlib.AsyncExitStack() as stack:
+        env = {"OPENAI_BASE_URL": sim_url + "/v1", "OPENAI_API_KEY": ""}
+        gateways = [
+            await stack.enter_async_context(
+                gateway_process("", command=serve_command(db, bus, *more), env=env)
+            )
+            for _ in range(count)
+        ]
+        async with trio.open_nursery() as nursery:
+            yield Setup(gateways, Cpu(tuple(g.pid for g in gateways), postgres), nursery)
+            nursery.cancel_scope.cancel()
+
+
+@attrs.frozen
+class Window:
+    sessions: int
+    deltas_per_second: float  # chat delta frames the sessions' connections received
+    cpu: dict[str, float]  # cores each used
+
+
+@attrs.frozen
+class Result:
+    label: str
+    gateways: int
+    window: Window
+    stop: Summary | None = None
+
+
+async def stops(setup: Setup, trials: int, name: str) -> Summary:
+    """Stop latency under the setup's load: measuring clients, one per gateway, each
+    subscribed to a session of its own; the trials dealt to the gateways in turn."""
+    message = PROVIDERS["streaming"]
+    async with contextlib.AsyncExitStack() as stack:
+        clients: list[Client] = []
+        for gateway in setup.gateways:
+            client = await stack.enter_async_context(open_client(gateway.port))
+            await client.call("sessions.messages.subscribe", {"key": f"{name}-home"})
+            clients.append(client)
+            for index in range(WARMUP):
+                await trial(client, f"{name}-warmup-{gateway.port}-{index}", message)
+        samples = [
+            (await trial(clients[i % len(clients)], f"{name}-{i}", message))[0]
+            for i in range(trials)
+        ]
+    return Summary.of(samples)
+
+
+async def measure(plan: Plan) -> tuple[list[Result], int]:
+    """The sweep, then one gateway at L/2 and two at L; and L."""
+    from tests.services import postgres_server, redis_server  # the tests' private servers
+
+    results = []
+    with postgres_server(fsync=True) as postgres, redis_server() as redis:
+        db = await trio.to_thread.run_sync(postgres.create_database)
+        data = postgres.folder / "data"
+        async with configuration(db, redis.url, data, 1) as setup:
+            sessions, best = plan.start, 0.0
+            while True:
+                await setup.add_sessions(sessions - len(setup.viewers), "sweep")
+                await trio.sleep(plan.settle)
+                window = await setup.throughput(plan.window)
+                results.append(Result("1 gateway, sweep", 1, window))
+                print(f"  sweep: {sessions} sessions, {window.deltas_per_second:.0f} deltas/s, "
+                      f"gateway {window.cpu['gateway 1']:.2f} cores", flush=True)  # fmt: skip
+                if window.deltas_per_second < best * RISE or sessions >= plan.most:
+                    break
+                best, sessions = window.deltas_per_second, sessions * 2
+        load = sessions
+        for count, sessions, label in (
+            (1, load // 2, "1 gateway at L/2"),
+            (2, load, "2 gateways at L"),
+        ):
+            db = await trio.to_thread.run_sync(postgres.create_database)
+            async with configuration(db, redis.url, data, count) as setup:
+                name = f"g{count}"
+                await setup.add_sessions(sessions, name)
+                await trio.sleep(plan.settle)
+                window = await setup.throughput(plan.window)
+                stop = await stops(setup, plan.trials, f"{name}-trial")
+                results.append(Result(label, count, window, stop))
+                print(f"  {label}: {window.deltas_per_second:.0f} deltas/s, stop p99 "
+                      f"{ms(stop.p99)} ms", flush=True)  # fmt: skip
+    return results, load
+
+
+# -- the report ------------------------------------------------------------------------
+
+# What limits the numbers, as measured with py-spy on the full run of DATE (rewrite it with
+# a new run; the table's last column is worked out from each row's own CPU figures).
+LIMITS: Final = ""
+
+
+def _limit(window: Window, gateways: int) -> str:
+    """What the row's own CPU figures say held its deltas/s."""
+    offered = window.sessions * RATE
+    busiest = max(window.cpu[f"gateway {i + 1}"] for i in range(gateways))
+    cores = os.cpu_count() or 1
+    if window.deltas_per_second >= 0.95 * offered:
+        return "none: carried what was offered"
+    if window.cpu["machine"] >= 0.9 * cores:
+        return f"the machine: {window.cpu['machine']:.2f} of {cores} cores busy"
+    if busiest >= 0.9:
+        return f"gateway CPU ({busiest:.2f} of a core)"
+    return "not CPU: see the notes"
+
+
+def _row(result: Result) -> tuple[str, ...]:
+    window, stop = result.window, result.stop
+    cpu = window.cpu
+    gateways = " + ".join(f"{cpu[f'gateway {i + 1}']:.2f}" for i in range(result.gateways))
+    return (
+        result.label,
+        str(window.sessions),
+        f"{window.sessions * RATE:.0f}",
+        f"{window.deltas_per_second:.0f}",
+        gateways,
+        f"{cpu['provider']:.2f}",
+        f"{cpu['load generator']:.2f}",
+        f"{cpu['Redis']:.2f}",
+        f"{cpu['PostgreSQL']:.2f}",
+        f"{cpu['machine']:.2f}",
+        str(stop.trials) if stop else "",
+        ms(stop.median) if stop else "",
+        ms(stop.p99) if stop else "",
+        ms(stop.max) if stop else "",
+        _limit(window, result.gateways),
+    )
+
+
+def verdict(results: list[Result], load: int, plan: Plan) -> str:
+    one = [r for r in results if r.gateways == 1 and r.stop is None][-1]
+    half = next(r for r in results if r.label == "1 gateway at L/2")
+    two = next(r for r in results if r.gateways == 2)
+    assert half.stop is not None and two.stop is not None
+    ratio = two.window.deltas_per_second / one.window.deltas_per_second
+    saturated = (
+        f"L = {load} sessions ({load * RATE:.0f} deltas/s offered), where twice the "
+        "sessions gave one gateway less than "
+        f"{(RISE - 1) * 100:.0f} % more deltas/s"
+        if one.window.sessions == load and load < plan.most
+        else f"L = {load} sessions, the sweep's end: one gateway's deltas/s still rose there"
+    )
+    throughput = "met" if ratio >= 1.7 else "MISSED"
+    stop = "met" if two.stop.p99 <= half.stop.p99 else "MISSED"
+    return (
+        f"{saturated}. Two gateways carry {ratio:.2f}x the deltas/s of one at L "
+        f"({two.window.deltas_per_second:.0f} against {one.window.deltas_per_second:.0f}; "
+        f"target 1.7x: {throughput}); their stop p99 under L is {ms(two.stop.p99)} ms against "
+        f"{ms(half.stop.p99)} ms for one gateway at L/2 (target: no worse; {stop})."
+    )
+
+
+async def run(quick: bool) -> Section:
+    plan = QUICK if quick else FULL
+    results, load = await measure(plan)
+    cores = os.cpu_count()
+    sweep = [r for r in results if r.stop is None]
+    two = [r for r in results if r.gateways == 2]
+    plot = Plot(
+        "sessions streaming (each 20 deltas/s)",
+        "chat delta frames/s delivered to the sessions' clients",
+        (
+            Series("1 gateway", tuple(r.window.sessions for r in sweep),
+                   tuple(r.window.deltas_per_second for r in sweep)),
+            Series("2 gateways", tuple(r.window.sessions for r in two),
+                   tuple(r.window.deltas_per_second for r in two)),
+        ),
+    )  # fmt: skip
+    notes = (
+        f"Every session is one WebSocket connection (a user watching a reply of {WORDS:,} "
+        f"words at {RATE:g} words/s, one delta each): it subscribes to its session and sends "
+        "its message on the gateway it is connected to, connections dealt to the gateways "
+        "in turn. Each gateway is `trio-agent serve --provider openai` on a private "
+        "PostgreSQL (fsync on) and a private Redis (unix sockets), pointed at the simulated "
+        "provider in its own process; every configuration gets a fresh database, provider "
+        "and gateways. One gateway first, sessions doubled until its deltas/s stops rising "
+        f"(less than {(RISE - 1) * 100:.0f} % more for twice the sessions): that load is L. "
+        "Then one gateway at L/2 and two gateways at L (L/2 each), each measured for "
+        f"{plan.window:g} s after every session streams; then the stop latency under that "
+        "load: a measuring client per gateway, subscribed to a session of its own, sends a "
+        "reply streaming 200 words/s, `chat.abort` 50 ms after its start, and stamps its "
+        f"`aborted` event ({WARMUP} untimed trials first per gateway; trials dealt to the "
+        "gateways in turn). Delivered deltas/s counts the chat delta frames the sessions' "
+        "connections received (a connection's deltas merge only when 256 events wait for "
+        "it). CPU columns are cores used over the window (/proc): each gateway, the "
+        "provider, this process (the load generator: the sessions' connections, which "
+        "past their handshake only count delta frames in the bytes they read, no WebSocket "
+        "or JSON parsing; and the measuring clients), Redis, PostgreSQL (postmaster and "
+        f"backends), and all of the machine's {cores} cores together (other engineers' "
+        "tests included). On this machine the provider, the load generator, Redis and "
+        "PostgreSQL run on the same cores as the gateways: two gateways cannot each have a "
+        "core, so the ratio here is the machine's, not the gateways' alone. "
+        + verdict(results, load, plan)
+        + LIMITS
+    )
+    return Section(
+        "Scale-out throughput: one gateway process against two (PostgreSQL + Redis)",
+        (
+            "configuration", "sessions", "offered deltas/s", "delivered deltas/s",
+            "gateway CPU (cores)", "provider CPU", "load generator CPU", "Redis CPU",
+            "PostgreSQL CPU", f"machine busy (of {cores} cores)", "stop trials",
+            "stop median ms", "stop p99 ms", "stop max ms", "what limits it",
+        ),
+        tuple(_row(r) for r in results),
+        notes,
+        plot,
+    )  # fmt: skip
