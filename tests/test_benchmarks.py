@@ -158,8 +158,8 @@ def test_quick_scale_out_throughput(tmp_path: Path) -> None:
         ["2 gateways at L", "8"],
     ]
     for row in rows:
-        assert len(row) == 15 and float(row[3]) > 0  # every session's deltas arrived
-        assert all(float(cores) >= 0 for cores in row[4].split(" + "))
-    assert len(_row(rows, "2 gateways at L")[4].split(" + ")) == 2  # both gateways sampled
+        assert len(row) == 16 and float(row[3]) > 0 and float(row[4]) > 0  # deltas arrived
+        assert all(float(cores) >= 0 for cores in row[5].split(" + "))
+    assert len(_row(rows, "2 gateways at L")[5].split(" + ")) == 2  # both gateways sampled
     for label in ("1 gateway at L/2", "2 gateways at L"):
-        assert _row(rows, label)[10] == "3"  # every stop trial completed
+        assert _row(rows, label)[11] == "3"  # every stop trial completed
