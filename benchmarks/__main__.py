@@ -22,7 +22,7 @@ import trio
 from ._report import PLOTS, assemble, draw, machine, split
 
 # Run in this order by default; ON_REQUEST ones only when named (soak takes 10 minutes;
-# scale_out needs PostgreSQL and Redis installed).
+# scale_out and scale_out_throughput need PostgreSQL and Redis installed).
 DEFAULT: Final = (
     "provider_close",
     "gateway_stop",
@@ -32,7 +32,7 @@ DEFAULT: Final = (
     "stop_commit",
     "mcp_stop",
 )
-ON_REQUEST: Final = ("soak", "scale_out")
+ON_REQUEST: Final = ("soak", "scale_out", "scale_out_throughput")
 ROOT: Final = pathlib.Path(__file__).resolve().parent.parent
 REPORT: Final = ROOT / "BENCHMARKS.md"
 QUICK_REPORT: Final = ROOT / "bench-quick" / "BENCHMARKS.md"  # ignored by git
@@ -91,7 +91,9 @@ if __name__ == "__main__":
         help=f"where to write (default: {REPORT.name}; with --quick, bench-quick/{REPORT.name})",
     )
     parser.add_argument(
-        "names", nargs="*", help=f"some of: {', '.join(known)} (default: all but soak)"
+        "names",
+        nargs="*",
+        help=f"some of: {', '.join(known)} (default: all but {', '.join(ON_REQUEST)})",
     )
     args = parser.parse_args()
     unknown = set(args.names) - set(known)

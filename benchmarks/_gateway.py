@@ -92,6 +92,12 @@ async def _until_told_to_stop() -> None:
             nursery.start_soon(on_eof)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc; clock ticks of 10 ms)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @attrs.frozen
 class GatewayProcess:
     """The running gateway child: where it listens, and what it costs (from /proc)."""
@@ -100,8 +106,7 @@ class GatewayProcess:
     pid: int
 
     def cpu_seconds(self) -> float:
-        fields = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
 
     def rss_bytes(self) -> int:
         for line in pathlib.Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -112,16 +117,25 @@ class GatewayProcess:
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    sim_url: str, gc_mode: str = SERVED, command: list[str] | None = None
+    sim_url: str,
+    gc_mode: str = SERVED,
+    command: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[GatewayProcess]:
     """Run the gateway (or ``command``, which prints the same first line) in a child
-    process; yield it. The child always ends."""
+    process, with ``env`` added to this process's environment; yield it. The child always
+    ends."""
     if command is None:
         command = [sys.executable, "-m", "benchmarks._gateway", "--sim-url", sim_url]
         command += ["--gc", gc_mode]
     async with trio.open_nursery() as nursery:
         start = functools.partial(
-            trio.run_process, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, check=False
+            trio.run_process,
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            check=False,
+            env={**os.environ, **env} if env is not None else None,
         )
         process: trio.Process = await nursery.start(start)
         try:

@@ -38,6 +38,14 @@ SLOW: Final = "Tell me.\n#sim words=5000 rate=200"
 WORDS: Final = (100, 1000)
 
 
+def serve_command(db: str, bus: str, *more: str) -> list[str]:
+    """``trio-agent serve`` on any free port, sharing ``db`` and ``bus``; ``more`` options."""
+    return [
+        sys.executable, "-m", "adapters.cli", "serve", "--port", "0", "--db", db, "--bus", bus,
+        "--log-level", "WARNING", *more,
+    ]  # fmt: skip
+
+
 async def stop_latency(a: Client, b: Client, stopper: Client, trials: int) -> Summary:
     """ms from chat.abort sent by ``stopper`` to the aborted event at ``stopper``."""
     samples = []
@@ -112,10 +120,7 @@ async def measure(fsync: bool, trials: int) -> list[tuple[str, Summary]]:
 
     with postgres_server(fsync=fsync) as postgres, redis_server() as redis:
         db = postgres.create_database()
-        command = [
-            sys.executable, "-m", "adapters.cli", "serve", "--port", "0", "--db", db,
-            "--bus", redis.url, "--log-level", "WARNING",
-        ]  # fmt: skip
+        command = serve_command(db, redis.url)
         async with AsyncExitStack() as stack:
             ports = [
                 (await stack.enter_async_context(gateway_process("", command=command))).port

@@ -6,6 +6,7 @@ under .bench-venvs/), then a rerun of one benchmark that must keep the other sec
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,32 @@ def test_a_quick_run_never_writes_the_committed_report() -> None:
         ["git", "check-ignore", "-q", str(QUICK_REPORT)], cwd=REPORT.parent, check=False
     )
     assert ignored.returncode == 0  # never committed by accident
+
+
+@pytest.mark.slow
+def test_quick_scale_out_throughput(tmp_path: Path) -> None:
+    """One gateway against two on private PostgreSQL and Redis servers (run on request
+    only, so not in the run of every benchmark above)."""
+    from tests.services import _postgres_bin
+
+    if _postgres_bin() is None or shutil.which("redis-server") is None:
+        pytest.skip("needs PostgreSQL's server binaries and redis-server")
+    report = tmp_path / "BENCHMARKS.md"
+    _bench(report, "scale_out_throughput")
+    section = split(report.read_text())["scale_out_throughput"]
+    assert "quick mode" in section and "target 1.7x" in section
+    assert (tmp_path / "bench-plots" / "scale_out_throughput.png").stat().st_size > 0
+    rows = _rows(section)
+    assert [row[:2] for row in rows] == [
+        ["1 gateway, sweep", "4"],
+        ["1 gateway, sweep", "8"],
+        ["1 gateway at L/2", "4"],
+        ["2 gateways at L/2", "4"],
+        ["2 gateways at L", "8"],
+    ]
+    for row in rows:
+        assert len(row) == 16 and float(row[3]) > 0 and float(row[4]) > 0  # deltas arrived
+        assert all(float(cores) >= 0 for cores in row[5].split(" + "))
+    assert len(_row(rows, "2 gateways at L")[5].split(" + ")) == 2  # both gateways sampled
+    for label in ("1 gateway at L/2", "2 gateways at L"):
+        assert _row(rows, label)[11] == "3"  # every stop trial completed
