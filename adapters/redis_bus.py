@@ -60,7 +60,7 @@ import json
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, final
 
@@ -242,6 +242,7 @@ _RESUBSCRIBE = CompositeRetryPolicy(
     ),
     ConstantRetryPolicy((TimeoutError,), retries=2, delay=0.1),
 )  # fmt: skip
+SUBSCRIBE_TIMEOUT = 10.0  # seconds for Redis to acknowledge an events subscription
 UNREACHABLE = (coredis.exceptions.RedisError, OSError)  # Redis down, restarting, refusing
 RESEND_AFTER = 0.25  # seconds without an answer before an abort request is sent again
 ANSWERS_KEPT = 1000  # answers kept by request id, for requests sent again
@@ -306,8 +307,9 @@ class RedisAbortBus:
         return self.prefix + ":".join(parts)
 
     @property
-    def _events_prefix(self) -> str:
-        return self._key("events", "")
+    def _own_events(self) -> str:
+        """How this process's event messages begin (``{"from": ID, "event": EVENT}``)."""
+        return f'{{"from": {json.dumps(self.process_id)},'
 
     def _replies_channel(self, process_id: str) -> str:
         return self._key("replies", process_id)
@@ -339,21 +341,26 @@ class RedisAbortBus:
                     f"Redis at {self.url} could not be reached ({exc}). Start it, or check "
                     "the URL given to --bus."
                 ) from exc
-            channels = [  # requests to every process, and to this one
+            # Two subscriptions, two connections: requests and their answers never wait
+            # behind a backlog of run events (a stop first, across processes too).
+            control = [  # requests to every process, and to this one; answers to this one
                 self._key("requests", ""),
                 self._key("requests", self.process_id),
                 self._replies_channel(self.process_id),
             ]
             async with (
                 client.pubsub(
-                    channels=channels,
+                    channels=control, ignore_subscribe_messages=True, retry_policy=_RESUBSCRIBE
+                ) as requests,
+                client.pubsub(
                     ignore_subscribe_messages=True,
                     retry_policy=_RESUBSCRIBE,
-                ) as pubsub,
+                    subscription_timeout=SUBSCRIBE_TIMEOUT,
+                ) as events,
                 trio.open_nursery() as nursery,
             ):
                 self._nursery = nursery
-                nursery.start_soon(self._work, pubsub)
+                nursery.start_soon(self._work, requests, events)
                 try:
                     yield self
                 finally:
@@ -572,42 +579,44 @@ class RedisAbortBus:
 
     # -- the tasks -------------------------------------------------------------------
 
-    async def _work(self, pubsub: Any) -> None:
+    async def _work(self, requests: Any, events: Any) -> None:
         """The bus's tasks, under a scope of their own (``_tasks``: cancelling it stops
         the heartbeat as a death would, which the tests use)."""
         with self._tasks:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._listen, pubsub)
+                nursery.start_soon(self._listen, requests, self._on_control)
                 nursery.start_soon(self._beat)
                 nursery.start_soon(self._watch)
                 nursery.start_soon(self._release_loop)
                 if self.relay_events:
+                    nursery.start_soon(self._listen, events, self._on_event)
                     nursery.start_soon(self._publish_events)
-                    nursery.start_soon(self._follow, pubsub)
+                    nursery.start_soon(self._follow, events)
 
-    async def _listen(self, pubsub: Any) -> None:
+    async def _listen(self, pubsub: Any, handle: Callable[[Any], None]) -> None:
+        """Hand each message of ``pubsub`` to ``handle``. When the connection drops,
+        coredis reconnects and subscribes again by itself; the messages go on."""
         while True:
-            # The iteration ends when the connection drops; coredis reconnects and
-            # subscribes again by itself, and then the next iteration goes on.
-            async for message in pubsub:
-                try:
-                    data = json.loads(message["data"])
-                    if message.get("pattern") or message["channel"].startswith(
-                        self._events_prefix
-                    ):
-                        self._on_event(data)
-                    elif message["channel"].startswith(self._key("requests", "")):
-                        self._on_request(data)
-                    elif (waiter := self._waiters.get(data.get("id"))) is not None:
-                        waiter.replies.setdefault(data["from"], data)
-                        waiter.check()
-                except Exception:
-                    logger.exception("a bus message could not be handled: %r", message)
-            await trio.sleep(0.05)
+            message = await pubsub.get_message(ignore_subscribe_messages=True)
+            if message is None:
+                continue
+            try:
+                handle(message)
+            except Exception:
+                logger.exception("a bus message could not be handled: %r", message)
 
-    def _on_event(self, data: dict[str, Any]) -> None:
-        if data["from"] == self.process_id:
-            return
+    def _on_control(self, message: Any) -> None:
+        data = json.loads(message["data"])
+        if message["channel"].startswith(self._key("requests", "")):
+            self._on_request(data)
+        elif (waiter := self._waiters.get(data.get("id"))) is not None:
+            waiter.replies.setdefault(data["from"], data)
+            waiter.check()
+
+    def _on_event(self, message: Any) -> None:
+        if message["data"].startswith(self._own_events):
+            return  # this process's own, back from a session it follows: not even parsed
+        data = json.loads(message["data"])
         assert self._runtime is not None
         event: Event = converter.structure(data["event"], Event)  # type: ignore[arg-type]
         if event.seq <= self._remote_runs.get(event.run_id, -1):
@@ -689,9 +698,8 @@ class RedisAbortBus:
             if event.run_id in self._remote_runs:
                 continue
             channels.append(self._key("events", event.session_key))
-            messages.append(
-                json.dumps({"from": self.process_id, "event": converter.unstructure(event, Event)})
-            )
+            event_json = json.dumps(converter.unstructure(event, Event))
+            messages.append(f"{self._own_events} \"event\": {event_json}}}")
         if channels:
             try:
                 await self._scripts["publish_all"](channels, messages)
