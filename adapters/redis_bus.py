@@ -40,15 +40,20 @@ hands those of the other processes to its own subscribers (``Runtime.relay``), s
 client may follow a run from any process, with the run's own ``seq``. A process receives
 only the sessions its subscribers follow (``Runtime.followed_sessions``: a channel per
 session, or the pattern of all while one subscriber, such as a gateway connection that
-never called ``sessions.messages.subscribe``, follows every session); before it asks for
-a session's live runs it waits until it receives that session's events, so the snapshot
-and the events after it line up (the receiver drops what the snapshot holds, by ``seq``).
+never called ``sessions.messages.subscribe``, follows every session), and says so first
+(``followers:{session}`` and ``followers-all`` hold the processes that relay them,
+``follows:{process}`` what each relays, for its cleanup); a process publishes only the
+events some other process relays, so one whose clients follow only its own runs sends
+nothing through Redis. Before a process asks for a session's live runs it waits until it
+receives that session's events, so the snapshot and the events after it line up (the
+receiver drops what the snapshot holds, by ``seq``). Requests and answers travel on a
+subscription of their own, so a stop never waits behind relayed events.
 
 Redis restarted (nothing persisted, so every key is gone): the pub/sub connection comes
 back by itself (coredis resubscribes), and the next heartbeat, finding that Redis no
-longer knows this process, owns its live runs again and stops those whose tombstone was
-set meanwhile. An abort sent while Redis is down fails (the gateway answers with an
-error); one sent after the restart but before the heartbeat finds no owner, answers
+longer knows this process, declares again what it relays, owns its live runs again and
+stops those whose tombstone was set meanwhile. An abort sent while Redis is down fails
+(the gateway answers with an error); one sent after the restart but before the heartbeat finds no owner, answers
 ``aborted: false`` and leaves its tombstone, which the heartbeat then finds: the run is
 stopped within ``heartbeat`` seconds all the same.
 """
@@ -60,7 +65,7 @@ import json
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, final
 
@@ -186,7 +191,11 @@ for _, session in ipairs(redis.call('SMEMBERS', KEYS[5])) do
     redis.call('DEL', held, ARGV[2] .. 'sruns:' .. session)
   end
 end
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+for _, session in ipairs(redis.call('SMEMBERS', KEYS[6])) do
+  redis.call('SREM', ARGV[2] .. 'followers:' .. session, ARGV[1])
+end
+redis.call('SREM', KEYS[7], ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 """
@@ -210,10 +219,37 @@ for i = 3, #ARGV, 2 do
 end
 return tombstoned
 """
-# KEYS: channels...; ARGV: messages, one per channel.
+# KEYS: events:{s} channels...; ARGV: me, followers prefix, followers-all key, then the
+# session and the message of each channel. Publishes only the sessions another process
+# relays (or it relays every one): a process's own clients get its events from it.
 _PUBLISH_ALL = """
-for i, channel in ipairs(KEYS) do redis.call('PUBLISH', channel, ARGV[i]) end
-return #KEYS
+local all = redis.call('SCARD', ARGV[3]) - redis.call('SISMEMBER', ARGV[3], ARGV[1])
+local sent = 0
+for i, channel in ipairs(KEYS) do
+  local followers = ARGV[2] .. ARGV[2 + 2 * i]
+  if all > 0 or redis.call('SCARD', followers) - redis.call('SISMEMBER', followers, ARGV[1]) > 0
+  then
+    redis.call('PUBLISH', channel, ARGV[3 + 2 * i])
+    sent = sent + 1
+  end
+end
+return sent
+"""
+# KEYS: follows:{me}, followers-all; ARGV: me, followers prefix, "1" when it relays every
+# session (else "0"), then "+" or "-" and a session, for each session it now relays or no
+# longer does.
+_DECLARE = """
+redis.call(ARGV[3] == '1' and 'SADD' or 'SREM', KEYS[2], ARGV[1])
+for i = 4, #ARGV, 2 do
+  if ARGV[i] == '+' then
+    redis.call('SADD', ARGV[2] .. ARGV[i + 1], ARGV[1])
+    redis.call('SADD', KEYS[1], ARGV[i + 1])
+  else
+    redis.call('SREM', ARGV[2] .. ARGV[i + 1], ARGV[1])
+    redis.call('SREM', KEYS[1], ARGV[i + 1])
+  end
+end
+return 1
 """
 # KEYS: owner:{run}...; ARGV: alive prefix. Returns 1 per run whose owner is alive.
 _OWNED = """
@@ -296,8 +332,8 @@ class RedisAbortBus:
     _remote_runs: dict[str, int] = attrs.field(factory=dict, init=False)
     _remote_ends: deque[str] = attrs.field(factory=deque, init=False)
     _publishing: Subscription | None = attrs.field(default=None, init=False)
-    # the events channels subscribed to (the pattern of all, or a channel per session),
-    # for the followed sessions of this version of the runtime's routes
+    # the sessions whose events are subscribed to (or all of them: the pattern), for the
+    # followed sessions of this version of the runtime's routes
     _relaying: set[str] = attrs.field(factory=set, init=False)
     _relaying_all: bool = attrs.field(default=False, init=False)
     _relayed_version: int = attrs.field(default=-1, init=False)
@@ -332,6 +368,7 @@ class RedisAbortBus:
                 ("beat", _BEAT),
                 ("reclaim", _RECLAIM),
                 ("publish_all", _PUBLISH_ALL),
+                ("declare", _DECLARE),
             ):
                 self._scripts[name] = client.register_script(source)
             try:
@@ -631,7 +668,9 @@ class RedisAbortBus:
     async def _follow(self, pubsub: Any) -> None:
         """Receive other processes' events for the sessions this process's subscribers
         follow (a channel each, or the pattern of all while one follows every session),
-        subscribing before unsubscribing, so a followed session is never missed."""
+        subscribing before unsubscribing, so a followed session is never missed. What it
+        relays is declared in Redis first (``followers:{session}``, ``followers-all``):
+        the other processes publish only what some process relays."""
         assert self._runtime is not None
         everything = self._key("events", "*")
         version: int | None = None
@@ -639,20 +678,24 @@ class RedisAbortBus:
             if version is not None:
                 await self._runtime.wait_followed_changed(version)
             version, wanted = self._runtime.followed_sessions(besides=self._publishing)
-            channels = set() if wanted is None else {self._key("events", s) for s in wanted}
+            sessions = wanted or frozenset()
             try:
                 if wanted is None and not self._relaying_all:
+                    await self._declare(True)
                     await pubsub.psubscribe(everything)
                     self._relaying_all = True
-                if new := channels - self._relaying:
-                    await pubsub.subscribe(*new)
+                if new := sessions - self._relaying:
+                    await self._declare(self._relaying_all, added=new)
+                    await pubsub.subscribe(*(self._key("events", s) for s in new))
                     self._relaying |= new
                 if wanted is not None and self._relaying_all:
                     await pubsub.punsubscribe(everything)
                     self._relaying_all = False
-                if old := self._relaying - channels:
-                    await pubsub.unsubscribe(*old)
+                    await self._declare(False)
+                if old := self._relaying - sessions:
+                    await pubsub.unsubscribe(*(self._key("events", s) for s in old))
                     self._relaying -= old
+                    await self._declare(self._relaying_all, removed=old)
             except Exception as exc:
                 logger.warning("following sessions' events failed, to be retried: %s", str(exc))
                 version = None  # read the routes again, without waiting for a change
@@ -661,6 +704,20 @@ class RedisAbortBus:
             self._relayed_version = version
             self._relay_progress.set()
             self._relay_progress = trio.Event()
+
+    async def _declare(
+        self, everything: bool, added: Iterable[str] = (), removed: Iterable[str] = ()
+    ) -> None:
+        await self._scripts["declare"](
+            [self._key("follows", self.process_id), self._key("followers-all")],
+            [
+                self.process_id,
+                self._key("followers", ""),
+                "1" if everything else "0",
+                *(part for session in added for part in ("+", session)),
+                *(part for session in removed for part in ("-", session)),
+            ],
+        )
 
     async def _following_now(self) -> None:
         """Return once this process receives the events of every session its subscribers
@@ -693,16 +750,17 @@ class RedisAbortBus:
                     )
 
     async def _publish_batch(self, batch: list[Event]) -> None:
-        channels, messages = [], []
+        channels = []
+        args = [self.process_id, self._key("followers", ""), self._key("followers-all")]
         for event in batch:
             if event.run_id in self._remote_runs:
                 continue
             channels.append(self._key("events", event.session_key))
             event_json = json.dumps(converter.unstructure(event, Event))
-            messages.append(f"{self._own_events} \"event\": {event_json}}}")
+            args += [event.session_key, f"{self._own_events} \"event\": {event_json}}}"]
         if channels:
             try:
-                await self._scripts["publish_all"](channels, messages)
+                await self._scripts["publish_all"](channels, args)
             except Exception as exc:
                 logger.warning("run events could not be relayed: %s", str(exc))
 
@@ -828,7 +886,8 @@ class RedisAbortBus:
         while True:
             await trio.sleep(self.heartbeat)
             try:
-                if await self._beat_once():
+                if await self._beat_once():  # Redis forgot us: what we relay, too
+                    await self._declare(self._relaying_all, added=self._relaying)
                     await self._reclaim()
             except Exception as exc:
                 logger.warning("heartbeat failed (Redis unreachable?): %s", str(exc))
@@ -869,6 +928,8 @@ class RedisAbortBus:
                 self._key("reap", process_id),
                 self._key("alive", process_id),
                 self._key("sessions", process_id),
+                self._key("follows", process_id),
+                self._key("followers-all"),
             ],
             [process_id, self.prefix],
         )

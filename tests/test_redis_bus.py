@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import coredis
 import pytest
 import trio
 
@@ -394,16 +395,22 @@ async def test_a_process_receives_only_the_sessions_its_subscribers_follow(
                 while await subscribers() != (numsub, numpat):  # noqa: ASYNC110
                     await trio.sleep(0.01)
 
+            async def streaming(rt: Runtime, run_id: str) -> None:
+                """The run has said something (read without subscribing: a subscription
+                to every session would change what the process relays)."""
+                while not rt.get_run(run_id).text:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+
             await settled({"s": 0, "t": 0}, 0)  # nobody follows anything yet
             with b.subscribe("t") as on_t:
                 await settled({"s": 0, "t": 1}, 0)
                 await b.live_runs_anywhere("t")  # returns once t's events reach b
                 one = await a.start_run("s", "q", "r1")
                 two = await a.start_run("t", "q", "r2")
-                await first_delta(a, "r2")
+                await streaming(a, "r2")
                 with b.subscribe() as everything:  # one that follows every session
-                    await settled({"s": 0, "t": 1}, 1)
-                    await first_delta(a, "r1")
+                    await settled({"s": 0, "t": 0}, 1)  # the pattern alone: no copies
+                    await streaming(a, "r1")
                 a.abort("r1")
                 await settled({"s": 0, "t": 1}, 0)  # back to t's channel alone
                 a.abort("r2")
@@ -460,3 +467,45 @@ async def test_an_id_another_process_ran_meanwhile_is_not_started_again(redis: R
                 released.set()
             assert b.get_run("r1") is None
             assert (await store.get_run("r1")).status == "cancelled"
+
+
+async def test_a_process_publishes_only_what_another_process_relays(redis: Redis) -> None:
+    """A's clients follow A's own runs: nothing goes through Redis (the echo it would
+    read back was most of the relay's cost). Once B relays the session, A publishes."""
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with (
+            runtime(store, redis) as a,
+            runtime(store, redis) as b,
+            coredis.Redis.from_url(redis.url, decode_responses=True) as raw,
+            raw.pubsub(channels=[f"{a.abort_bus.prefix}events:s"]) as listener,
+        ):
+            heard: list[Any] = []
+
+            async def listen() -> None:
+                while True:
+                    message = await listener.get_message(ignore_subscribe_messages=True)
+                    if message is not None:
+                        heard.append(message)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(listen)
+                with a.subscribe("s"):
+                    await a.live_runs_anywhere("s")  # A relays s itself now
+                    run = await a.start_run("s", "q", "r1")
+                    await first_delta(a, "r1")
+                    a.abort("r1")
+                    await run.wait()
+                    await trio.sleep(0.2)  # anything published would have arrived
+                    assert heard == []  # no other process relays s: A published nothing
+                    with b.subscribe("s") as on_b:
+                        await b.live_runs_anywhere("s")  # B relays s from now on
+                        run = await a.start_run("s", "q", "r2")
+                        async for event in on_b:
+                            if isinstance(event, RunCancelled):
+                                break
+                            if isinstance(event, TextDelta):
+                                a.abort("r2")
+                    await run.wait()
+                    assert heard and all('"r2"' in m["data"] for m in heard)
+                nursery.cancel_scope.cancel()
