@@ -53,9 +53,9 @@ Redis restarted (nothing persisted, so every key is gone): the pub/sub connectio
 back by itself (coredis resubscribes), and the next heartbeat, finding that Redis no
 longer knows this process, declares again what it relays, owns its live runs again and
 stops those whose tombstone was set meanwhile. An abort sent while Redis is down fails
-(the gateway answers with an error); one sent after the restart but before the heartbeat finds no owner, answers
-``aborted: false`` and leaves its tombstone, which the heartbeat then finds: the run is
-stopped within ``heartbeat`` seconds all the same.
+(the gateway answers with an error); one sent after the restart but before the
+heartbeat finds no owner, answers ``aborted: false`` and leaves its tombstone, which the
+heartbeat then finds: the run is stopped within ``heartbeat`` seconds all the same.
 """
 
 from __future__ import annotations
