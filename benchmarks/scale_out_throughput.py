@@ -401,37 +401,26 @@ async def measure(plan: Plan) -> tuple[list[Result], int, bool]:
 
 # -- the report ------------------------------------------------------------------------
 
-# What limits the numbers, as measured on 2026-12-05 (rewrite it with a new run; the table's
-# last column and the CPU-per-delta sentence are worked out from each run's own figures).
+# What limits the numbers: structure, and a dated profile (the table's last column and
+# the CPU-per-delta sentence are worked out from each run's own figures).
 LIMITS: Final = (
-    " What limits these numbers, measured on 2026-12-05. First, the machine: the full run "
-    "shared its 2 cores with another engineer's test suites (load average 3.1 before, 5.5 "
-    "to 6.2 during, 4.2 at the end; `top` showed two pytest processes at about 1 core "
-    "together): the machine was 1.8 to 2.0 cores busy in every window and the gateways got "
-    "0.2 to 0.8 of a core, so its ratio and stop tails are the shared machine's. Second, "
-    "short checks on a quieter machine (load average 1 to 2, 8 s windows) give one gateway "
-    "3,249 deltas/s at 200 sessions, kept up (0.89 of a core: 274 µs of CPU per delta; "
-    "the provider 92 µs, the load generator 46), and two gateways 4,164 at 400 sessions, "
-    "kept up (1.28 cores together: 307 µs per delta, each also decoding the other's "
-    "events from Redis; the provider 110, the load generator 55; the machine 1.99 cores "
-    "busy): 1.28x. At those costs one gateway's core carries about 3,650 deltas/s and the "
-    "2 cores, provider and clients included, about 4,200: on a 2-core machine that also "
-    "runs the provider and the clients, 1.7x is out of reach. With them on other cores, 2 "
-    "cores at 307 µs would carry about 6,500, 1.78x: the target holds only if the gateways "
-    "have the cores to themselves. One gateway at 400 sessions delivered 5,695 deltas/s "
-    "but in 1,705 frames/s (at 0.98 of a core): behind, its connections got 3.3 deltas "
-    "merged per frame, more text for less work, but each connection over 1.6 s late, so "
-    "that is not counted as carried (an earlier version of this benchmark counted frames "
-    "and read it as a collapse). py-spy on the gateways (100 Hz, 6 to 8 s, 200 sessions "
-    "per gateway): frames to clients (encoding, trio-websocket, wsproto, one socket send "
-    "per frame) 23 to 37 % of samples; reading the provider's SSE streams (httpx-sse, "
-    "httpx, httpcore, h11) 23 to 32 %; the trio scheduler and locks (async stacks cut "
-    "short) 8 to 26 %; the runtime 5 to 8 %; PostgreSQL calls in the worker thread 3 to 5 "
-    "%; the Redis relay 7 to 8 % with one gateway (it publishes every event and reads its "
-    "own back through the pattern subscription) and 12 % with two; socket syscalls 10 to "
-    "17 % of all samples. The provider spends 35 to 46 % of its samples in hypercorn's h11 "
-    "send path, one send per word. The stop tails (p99 0.7 to 2.5 s) are stops waiting "
-    "for a core on a saturated machine."
+    " What limits these numbers (rewrite this with a new profile). On this 2-core "
+    "machine the provider, the load generator, Redis and PostgreSQL share the cores "
+    "with the gateways: two gateways keep up only while the machine has a core to "
+    "spare, and where they stop, the machine is busy (the last column), not a "
+    "gateway. The CPU per delta above says what the cores would carry with the "
+    "provider and the clients elsewhere. The stop tails under load are stops waiting "
+    "for a core. A process publishes only the sessions another process relays (here "
+    "none: each session's client is on the gateway that runs it), which took the "
+    "Redis relay, 7 to 8 % of a gateway's samples when every event went through Redis "
+    "and came back, to nearly nothing. py-spy on the gateways (2026-12-05, before "
+    "that change; 100 Hz, 6 to 8 s, 200 sessions per gateway): frames to clients "
+    "(encoding, trio-websocket, wsproto, one socket send per frame) 23 to 37 % of "
+    "samples; reading the provider's SSE streams (httpx-sse, httpx, httpcore, h11) 23 "
+    "to 32 %; the trio scheduler and locks (async stacks cut short) 8 to 26 %; the "
+    "runtime 5 to 8 %; PostgreSQL calls in the worker thread 3 to 5 %; socket "
+    "syscalls 10 to 17 % of all samples. The provider spends 35 to 46 % of its "
+    "samples in hypercorn's h11 send path, one send per word."
 )
 
 
