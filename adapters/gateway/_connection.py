@@ -208,7 +208,7 @@ class Connection:
                         except AbortRefused:
                             pass  # started with allowCancel false: it ends by itself
                         except Exception as exc:  # the bus unreachable: nothing more to do
-                            logger.warning("abort on disconnect of %s failed: %s", run_id, exc)
+                            logger.warning("abort on disconnect of %s failed: %s", run_id, str(exc))
 
     async def close_after_flush(self, code: int, flush_timeout: float = 1.0) -> None:
         """Send what is buffered for this client (a run's last events), then close."""
