@@ -317,8 +317,10 @@ class RedisAbortBus:
     _client: Any = attrs.field(default=None, init=False)
     _runtime: Runtime | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
-    _claiming: set[str] = attrs.field(factory=set, init=False)  # claimed, not registered
-    _pending: set[str] = attrs.field(factory=set, init=False)  # to stop as they register
+    # runs being claimed, not yet registered or released: set when that is decided
+    _claiming: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
+    # runs whose tombstone the claim found: stopped as they register
+    _pending: set[str] = attrs.field(factory=set, init=False)
     _waiters: dict[str, _Waiter] = attrs.field(factory=dict, init=False)
     _to_release: list[tuple[str, str]] = attrs.field(factory=list, init=False)  # run, session
     _run_sessions: dict[str, str] = attrs.field(factory=dict, init=False)  # claimed runs
@@ -326,7 +328,7 @@ class RedisAbortBus:
     _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
     _tasks: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _answered: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)  # by request
-    _starting: set[str] = attrs.field(factory=set, init=False)  # start requests under way
+    _underway: set[str] = attrs.field(factory=set, init=False)  # requests answered later
     # runs of other processes whose events were relayed here: the last seq of each (kept
     # for the last REMOTE_ENDS_KEPT that ended, so a late copy of an event is known)
     _remote_runs: dict[str, int] = attrs.field(factory=dict, init=False)
@@ -408,7 +410,7 @@ class RedisAbortBus:
                     self._nursery = None
 
     async def claim(self, run_id: str, session_key: str) -> bool:
-        self._claiming.add(run_id)
+        self._claiming[run_id] = trio.Event()
         self._run_sessions[run_id] = session_key
         try:
             claimed, tombstoned = await self._scripts["claim"](
@@ -426,7 +428,7 @@ class RedisAbortBus:
             self.released(run_id)  # the script may have run: undo it, if it did
             raise
         if claimed != 1:
-            self._claiming.discard(run_id)
+            self._claimed(run_id)
             del self._run_sessions[run_id]
             if claimed == 2:
                 raise SessionElsewhere(session_key, str(tombstoned))
@@ -437,19 +439,32 @@ class RedisAbortBus:
         return True
 
     def registered(self, run_id: str) -> bool:
-        self._claiming.discard(run_id)
+        self._claimed(run_id)
         if run_id in self._pending:
             self._pending.discard(run_id)
             return True
         return False
 
     def released(self, run_id: str) -> None:
-        self._claiming.discard(run_id)
+        self._claimed(run_id)
         self._pending.discard(run_id)
         session_key = self._run_sessions.pop(run_id, None)
         if session_key is not None:
             self._to_release.append((run_id, session_key))
             self._release_wanted.set()
+
+    def _claimed(self, run_id: str) -> None:
+        """The claim of ``run_id`` is decided (registered, or released, or refused)."""
+        if (decided := self._claiming.pop(run_id, None)) is not None:
+            decided.set()
+
+    async def _claim_decided(self, run_id: str) -> None:
+        """Wait until a claim of ``run_id`` under way here is decided: an abort that came
+        meanwhile then stops the run if it registered, and says so truthfully (it may
+        never register: its id ran before, its session is elsewhere or refuses it)."""
+        if (decided := self._claiming.get(run_id)) is not None:
+            with trio.move_on_after(self.reply_timeout):
+                await decided.wait()
 
     async def abort_elsewhere(
         self,
@@ -480,8 +495,14 @@ class RedisAbortBus:
                     ],
                 )
                 if owner == self.process_id and run_id in self._claiming:
-                    self._pending.add(run_id)  # being claimed here: stopped as it registers
-                    return AbortResult(True, (run_id,))
+                    await self._claim_decided(run_id)  # then as if it came after
+                    assert self._runtime is not None
+                    return self._runtime.abort(
+                        run_id,
+                        session_key,
+                        reason=reason,
+                        stop_policy=stop_policy,  # type: ignore[arg-type]  # checked there
+                    )
                 if owner is None or owner == self.process_id:
                     return AbortResult(False, ())
                 replies = await self._replies(waiter, message, owner, sent=True)
@@ -773,10 +794,13 @@ class RedisAbortBus:
             self._nursery.start_soon(self._publish_reply, request["from"], answered)
             return  # the same answer (acting again would find the run stopping: "false")
         reply: dict[str, Any] = {"id": request["id"], "from": self.process_id}
-        if request["kind"] == "start":
-            if request["id"] not in self._starting:  # else sent again while it starts
-                self._starting.add(request["id"])
-                self._nursery.start_soon(self._start_here, request, reply)
+        if request["kind"] == "start" or (
+            request["kind"] == "abort" and request["run_id"] in self._claiming
+        ):
+            if request["id"] not in self._underway:  # else sent again meanwhile
+                self._underway.add(request["id"])
+                handle = self._start_here if request["kind"] == "start" else self._abort_later
+                self._nursery.start_soon(handle, request, reply)
             return
         if request["kind"] == "live":
             runs = self._runtime.live_runs(request["session_key"])
@@ -814,7 +838,16 @@ class RedisAbortBus:
             logger.exception("a run sent from process %s could not start", request["from"])
             reply |= {"error": "failed", "message": f"The run could not start: {exc}"}
         finally:
-            self._starting.discard(request["id"])
+            self._underway.discard(request["id"])
+        self._answer(request, reply)
+
+    async def _abort_later(self, request: dict[str, Any], reply: dict[str, Any]) -> None:
+        """An abort of a run being claimed here: answered once the claim is decided."""
+        try:
+            await self._claim_decided(request["run_id"])
+            reply |= self._abort_here(request)
+        finally:
+            self._underway.discard(request["id"])
         self._answer(request, reply)
 
     def _abort_here(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -823,11 +856,7 @@ class RedisAbortBus:
         run_id, session_key = request["run_id"], request["session_key"]
         try:
             if run_id is not None and self._runtime.get_run(run_id) is None:
-                if run_id in self._claiming:
-                    self._pending.add(run_id)
-                    result = AbortResult(True, (run_id,))
-                else:
-                    result = AbortResult(False, ())
+                result = AbortResult(False, ())
             else:
                 result = self._runtime.abort(
                     run_id,

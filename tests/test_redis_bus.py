@@ -124,7 +124,9 @@ class SlowClaim:
 
 async def test_an_abort_while_the_run_is_being_claimed_still_wins(redis: Redis) -> None:
     """The abort reads the owner after the claim set it, and reaches the owner before
-    its start_run registered the run: the run is stopped as it registers."""
+    its start_run registered the run: it is answered once the claim is decided, and the
+    run is stopped as it registers. Of two such aborts one says it stopped the run (the
+    long two-gateway schedules found both saying so)."""
     store = MemoryStore()
     bus = SlowClaim(RedisAbortBus(redis.url))
     with trio.fail_after(30):
@@ -132,20 +134,63 @@ async def test_an_abort_while_the_run_is_being_claimed_still_wins(redis: Redis) 
             Runtime(model=slow_model(), store=store, abort_bus=bus) as a,
             runtime(store, redis) as b,
         ):
-            runs = []
+            runs, results = [], []
 
             async def start() -> None:
                 runs.append(await a.start_run("s", "q", "r1"))
+
+            async def abort() -> None:
+                results.append(await b.abort_anywhere("r1", "s"))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(start)
                 while not await redis_has(bus.inner, "owner:r1"):  # noqa: ASYNC110
                     await trio.sleep(0.01)
-                result = await b.abort_anywhere("r1", "s")
-                assert result.aborted is True
+                nursery.start_soon(abort)
+                nursery.start_soon(abort)
+                await trio.sleep(0.3)  # both reach A, and wait there for the claim
+                assert results == []
                 bus.gate.set()
+            assert sorted(r.aborted for r in results) == [False, True]
             assert isinstance(await runs[0].wait(), RunCancelled)
             assert runs[0].text == ""
+
+
+async def test_an_abort_while_an_id_that_ran_is_claimed_says_false(redis: Redis) -> None:
+    """Found by the long two-gateway schedules: a resend of a finished run's id claims
+    it before finding its record (so that no two processes start it); an abort that
+    came meanwhile said it stopped the run, which had finished."""
+    store = MemoryStore()
+    bus = SlowClaim(RedisAbortBus(redis.url))
+    bus.gate.set()
+    with trio.fail_after(30):
+        async with (
+            Runtime(model=ScriptedModel.from_turns(text_turn("done")), store=store,
+                    abort_bus=bus) as a,
+            runtime(store, redis) as b,
+        ):  # fmt: skip
+            await (await a.start_run("s", "q", "r1")).wait()
+            while await redis_has(bus.inner, "owner:r1"):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            bus.gate = trio.Event()
+            results = []
+
+            async def resend() -> None:
+                with pytest.raises(RunExists):
+                    await a.start_run("s", "q", "r1")
+
+            async def abort() -> None:
+                results.append(await b.abort_anywhere("r1", "s"))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(resend)
+                while not await redis_has(bus.inner, "owner:r1"):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                nursery.start_soon(abort)
+                await trio.sleep(0.3)
+                bus.gate.set()
+            assert [r.aborted for r in results] == [False]
+            assert (await store.get_run("r1")).status == "finished"
 
 
 async def test_a_send_the_reject_policy_refuses_takes_no_claim(redis: Redis) -> None:
