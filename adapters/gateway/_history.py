@@ -16,10 +16,11 @@ A reconnecting client reads one answer and knows exactly where it is:
 The cursor names the newest stored message by a digest of it, so the server keeps no
 state per client; a delta read looks for it among the newest ``limit + 1`` messages.
 
-Everything about the live runs is read at one instant, with no await, after the stored
-messages were read. A run whose result reached the store in between (its commit landed
-while its task had not yet resumed) is left out of ``inFlightRun``: its messages are in
-``messages`` already, and its terminal event follows.
+Everything about the live runs is read at one instant, after the stored messages were
+read: here with no await, or on the process that holds the session, which answers with
+snapshots taken at once (``Runtime.live_runs_anywhere``). A run whose result reached the
+store in between (its commit landed while its task had not yet resumed) is left out of
+``inFlightRun``: its messages are in ``messages`` already, and its terminal event follows.
 """
 
 from __future__ import annotations
