@@ -387,27 +387,44 @@ class RedisAbortBus:
                 self._key("requests", self.process_id),
                 self._replies_channel(self.process_id),
             ]
-            async with (
-                client.pubsub(
-                    channels=control, ignore_subscribe_messages=True, retry_policy=_RESUBSCRIBE
-                ) as requests,
-                client.pubsub(
-                    ignore_subscribe_messages=True,
-                    retry_policy=_RESUBSCRIBE,
-                    subscription_timeout=SUBSCRIBE_TIMEOUT,
-                ) as events,
-                trio.open_nursery() as nursery,
-            ):
-                self._nursery = nursery
-                nursery.start_soon(self._work, requests, events)
-                try:
-                    yield self
-                finally:
-                    with trio.move_on_after(5, shield=True):
-                        await self._release_now()
-                        await self._forget(self.process_id)  # a clean exit: no one reaps us
-                    nursery.cancel_scope.cancel()
-                    self._nursery = None
+            # coredis 6.9 closes a subscription by cancelling its current connection attempt:
+            # one that is waiting to reconnect then goes on forever. This scope ends both.
+            with trio.CancelScope() as subscriptions:
+                async with (
+                    client.pubsub(
+                        channels=control, ignore_subscribe_messages=True, retry_policy=_RESUBSCRIBE
+                    ) as requests,
+                    client.pubsub(
+                        ignore_subscribe_messages=True,
+                        retry_policy=_RESUBSCRIBE,
+                        subscription_timeout=SUBSCRIBE_TIMEOUT,
+                    ) as events,
+                    trio.open_nursery() as nursery,
+                ):
+                    self._nursery = nursery
+                    nursery.start_soon(self._work, requests, events)
+                    try:
+                        yield self
+                    finally:
+                        await self._leave()
+                        subscriptions.cancel()
+                        self._nursery = None
+
+    async def _leave(self) -> None:
+        """A clean exit: release this process's runs and forget it, so no one has to reap
+        it. With Redis unreachable, the others reap it once its heartbeat expires."""
+        with trio.move_on_after(5, shield=True) as waited:
+            try:
+                await self._release_now()
+                await self._forget(self.process_id)
+            except UNREACHABLE as exc:
+                logger.warning(
+                    "this process could not be forgotten by Redis (%s): other processes "
+                    "reap its runs once its heartbeat expires",
+                    str(exc),
+                )
+        if waited.cancelled_caught:
+            logger.warning("this process could not be forgotten by Redis within 5 s")
 
     async def claim(self, run_id: str, session_key: str) -> bool:
         self._claiming[run_id] = trio.Event()

@@ -362,6 +362,27 @@ async def test_after_a_redis_restart_the_owner_is_found_again(
             assert isinstance(await first.wait(), RunCancelled)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_process_stops_while_its_subscriptions_reconnect(
+    redis: Redis, coredis_garbage: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """coredis 6.9 leaves a subscription that is between reconnect attempts running
+    forever when it is closed: the process must stop all the same, and promptly."""
+    store = MemoryStore()
+    with trio.fail_after(15):
+        async with runtime(store, redis, heartbeat=0.2) as a:
+            run = await a.start_run("s", "q", "r1")
+            await first_delta(a, "r1")
+            redis.stop()
+            await trio.sleep(0.5)  # both subscriptions are reconnecting meanwhile
+            a.abort("r1")
+            assert isinstance(await run.wait(), RunCancelled)
+            stopping = trio.current_time()
+        assert trio.current_time() - stopping < 10  # not the guard's 15
+    assert [m.role for m in await store.history("s")] == ["user", "assistant"]
+    assert "this process could not be forgotten by Redis" in caplog.text
+
+
 async def test_a_sessions_runs_live_on_one_process_at_a_time(redis: Redis) -> None:
     store = MemoryStore()
     with trio.fail_after(30):
