@@ -31,11 +31,13 @@ start together migrate once.
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, final
+from typing import Any, Generic, TypeVar, final
 
 import attrs
 import psycopg
@@ -49,6 +51,8 @@ from adapters._store_rows import message_body, message_from, record_body, record
 from runtime import Message, RunRecord, SessionSettings
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 MIGRATION_LOCK = 0x7472_696F  # pg_advisory_xact_lock key: "trio"
 
@@ -140,40 +144,33 @@ class PostgresStore:
             raise RuntimeError("Use the PostgresStore inside 'async with' before calling it.")
         deadline = trio.current_effective_deadline()
         async with self._limiter:  # a free connection is waiting: see the module docstring
-            held: list[psycopg.Connection[Any]] = []
             wait = max(min(deadline - trio.current_time(), self.connect_timeout), 0.001)
-
-            def call() -> tuple[bool, Any]:
-                try:
-                    connection = pool.getconn(timeout=wait)
-                    held.append(connection)
-                    return True, fn(connection)
-                except Exception as exc:  # raised below, outside the nursery
-                    return False, exc
-
+            call = _Call(pool, fn, wait)
             with trio.CancelScope(shield=True):
-                async with trio.open_nursery() as nursery:
-                    if deadline < math.inf:
-                        nursery.start_soon(self._cancel_at, held, deadline)
-                    ok, result = await trio.to_thread.run_sync(call, limiter=_UNLIMITED)
-                    nursery.cancel_scope.cancel()
-                # the canceller is done: the connection can serve another call
-                if held:
-                    await trio.to_thread.run_sync(pool.putconn, held[0], limiter=_UNLIMITED)
+                # The canceller is a system task, not a child: the call returns without
+                # waiting for it to wind down (under load, a scheduler pass of the stop).
+                canceller = trio.CancelScope()
+                if deadline < math.inf:
+                    trio.lowlevel.spawn_system_task(
+                        self._cancel_at, call, deadline, canceller, name="store call canceller"
+                    )
+                try:
+                    ok, result = await trio.to_thread.run_sync(call.run, limiter=_UNLIMITED)
+                finally:
+                    canceller.cancel()
         if not ok:
             if isinstance(result, (psycopg.Error, PoolTimeout)):
                 raise self._error(result) from result
             raise result
         return result  # type: ignore[no-any-return]
 
-    async def _cancel_at(self, held: list[psycopg.Connection[Any]], deadline: float) -> None:
-        """Cancel the query running at ``deadline``: see the module docstring."""
-        await trio.sleep_until(deadline)
-        if held:
+    async def _cancel_at(self, call: _Call[Any], deadline: float, scope: trio.CancelScope) -> None:
+        """Cancel the call's query at ``deadline``: see the module docstring."""
+        with scope:
+            await trio.sleep_until(deadline)
             with trio.CancelScope(shield=True):  # never leave a cancel half sent
                 await trio.to_thread.run_sync(
-                    lambda: held[0].cancel_safe(timeout=self.connect_timeout),
-                    limiter=self._cancellers,
+                    call.cancel, self.connect_timeout, limiter=self._cancellers
                 )
 
     def _error(self, exc: psycopg.Error | PoolTimeout) -> PostgresStoreError:
@@ -193,8 +190,7 @@ class PostgresStore:
             )
         if isinstance(exc, psycopg.errors.DiskFull):
             return PostgresStoreError(
-                f"{where} is full: the server's disk has no room left. Free space, then try "
-                "again."
+                f"{where} is full: the server's disk has no room left. Free space, then try again."
             )
         if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
             return PostgresStoreError(
@@ -235,10 +231,7 @@ class PostgresStore:
                 sql = "SELECT body FROM messages WHERE session_key = %s ORDER BY id"
                 rows = c.execute(sql, (session_key,)).fetchall()
             else:
-                sql = (
-                    "SELECT body FROM messages WHERE session_key = %s "
-                    "ORDER BY id DESC LIMIT %s"
-                )
+                sql = "SELECT body FROM messages WHERE session_key = %s ORDER BY id DESC LIMIT %s"
                 rows = c.execute(sql, (session_key, limit)).fetchall()[::-1]
             return [message_from(row[0]) for row in rows]
 
@@ -246,7 +239,7 @@ class PostgresStore:
 
     async def begin_run(self, record: RunRecord, prompt: Message) -> None:
         def write(c: psycopg.Connection[Any]) -> None:
-            with c.transaction():
+            with c.pipeline(), c.transaction():  # two round trips, as in commit_run
                 inserted = c.execute(
                     "INSERT INTO runs (run_id, session_key, status, body) "
                     "VALUES (%s, %s, %s, %s) ON CONFLICT (run_id) DO NOTHING RETURNING 1",
@@ -279,7 +272,9 @@ class PostgresStore:
         self, record: RunRecord, items: Sequence[Message], *, rollback: bool
     ) -> None:
         def write(c: psycopg.Connection[Any]) -> None:
-            with c.transaction():
+            # Pipelined: two round trips (up to the run's status, then the rest with the
+            # COMMIT) where one per statement took about 1 ms each with the gateway busy.
+            with c.pipeline(), c.transaction():
                 # Commits of one run are serialised (the row may not exist yet, so a row
                 # lock alone would not do); the row lock then holds checkpoints off.
                 c.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (record.run_id,))
@@ -326,6 +321,45 @@ _RECORD_SELECT = (
 
 # The store's own limiter is taken before its threads start: they need no other bound.
 _UNLIMITED = trio.CapacityLimiter(math.inf)
+
+
+@final
+class _Call(Generic[T]):
+    """One store call in a worker thread: a pooled connection, ``fn`` on it, and the
+    connection handed back by the same thread (no second trip to a thread on the way
+    back). A cancel at the caller's deadline (``cancel``, from another thread) reaches
+    only this call's query: the connection is not handed back while one is being sent,
+    and none is sent once it has been."""
+
+    def __init__(
+        self, pool: ConnectionPool[psycopg.Connection[Any]], fn: Callable[..., T], wait: float
+    ):
+        self._pool, self._fn, self._wait = pool, fn, wait
+        self._lock = threading.Lock()
+        self._connection: psycopg.Connection[Any] | None = None
+
+    def run(self) -> tuple[bool, Any]:
+        try:
+            connection = self._pool.getconn(timeout=self._wait)
+        except Exception as exc:  # raised by the caller, outside the thread
+            return False, exc
+        self._connection = connection
+        try:
+            return True, self._fn(connection)
+        except Exception as exc:
+            return False, exc
+        finally:
+            with self._lock:
+                self._connection = None
+            self._pool.putconn(connection)
+
+    def cancel(self, timeout: float) -> None:
+        with self._lock:
+            if self._connection is not None:
+                try:
+                    self._connection.cancel_safe(timeout=timeout)
+                except Exception as exc:  # the call then ends by statement_timeout
+                    logger.warning("a query past its deadline could not be cancelled: %s", str(exc))
 
 
 def _touch(c: psycopg.Connection[Any], session_key: str) -> None:
