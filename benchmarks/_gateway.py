@@ -166,6 +166,8 @@ class Client:
     closing: bool = False  # we are closing the connection: its end is no error
     ended: trio.MemorySendChannel[str] | None = None  # background runs that finished
     on_delta: Callable[[dict[str, Any], float], None] | None = None
+    # the gateway's own ms from a watched run's abort to its stop commit (runtime.stopped)
+    committed: dict[str, float] = attrs.Factory(dict)
     _ids: itertools.count[int] = attrs.Factory(lambda: itertools.count(1))
     _arrived: dict[Key, float] = attrs.Factory(dict)
     _waiting: dict[Key, trio.Event] = attrs.Factory(dict)
@@ -214,6 +216,9 @@ class Client:
                 self.ended.send_nowait(run_id)
             elif run_id in self.watched:
                 self._arrive((run_id, payload["state"]), now)
+        elif frame["event"] == "runtime.stopped" and run_id in self.watched:
+            self.committed[run_id] = payload["timings"]["committedMs"]
+            self._arrive((run_id, "stopped"), now)
 
     def _arrive(self, key: Key, now: float) -> None:
         self._arrived[key] = now

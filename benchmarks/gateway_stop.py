@@ -70,8 +70,9 @@ async def keep_streaming(client: Client, count: int, rate: float) -> None:
         await start(next(names))
 
 
-async def trial(client: Client, name: str, message: str) -> tuple[float, float]:
-    """One stop: (ms to the aborted event, ms to chat.abort's response)."""
+async def trial(client: Client, name: str, message: str) -> tuple[float, float, float]:
+    """One stop: ms to the aborted event, ms to chat.abort's response, and the gateway's
+    own ms from the abort to the stop commit's end (its ``runtime.stopped`` timings)."""
     session = f"trial-{name}"
     client.watched.add(name)
     try:
@@ -84,11 +85,12 @@ async def trial(client: Client, name: str, message: str) -> tuple[float, float]:
             abort = {"sessionKey": session, "runId": name}
             answer, answered = await client.call("chat.abort", abort)
             aborted = await client.wait((name, "aborted"))
+            await client.wait((name, "stopped"))
     finally:
         client.watched.discard(name)
     if answer != {"ok": True, "aborted": True, "runIds": [name]}:
         raise RuntimeError(f"chat.abort did not abort {name}: {answer}")
-    return (aborted - asked) * 1000, (answered - asked) * 1000
+    return (aborted - asked) * 1000, (answered - asked) * 1000, client.committed.pop(name)
 
 
 @attrs.frozen
@@ -116,7 +118,7 @@ async def measure(others: int, trials: int, gc_mode: str = SERVED) -> list[Resul
                 names = (f"{provider}-{index}" for index in range(trials))
                 timings = [await trial(client, name, message) for name in names]
                 elapsed = time.monotonic() - began
-                stops, responses = zip(*timings, strict=True)
+                stops, responses, _ = zip(*timings, strict=True)
                 results.append(
                     Result(
                         others,

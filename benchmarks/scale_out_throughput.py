@@ -329,11 +329,13 @@ class Result:
     gateways: int
     window: Window
     stop: Summary | None = None
+    committed: Summary | None = None  # each stop's abort to its commit's end, in the gateway
 
 
-async def stops(setup: Setup, trials: int, name: str) -> Summary:
+async def stops(setup: Setup, trials: int, name: str) -> tuple[Summary, Summary]:
     """Stop latency under the setup's load: measuring clients, one per gateway, each
-    subscribed to a session of its own; the trials dealt to the gateways in turn."""
+    subscribed to a session of its own; the trials dealt to the gateways in turn. With
+    each stop's part inside the gateway, from its abort to its commit's end."""
     message = PROVIDERS["streaming"]
     async with contextlib.AsyncExitStack() as stack:
         clients: list[Client] = []
@@ -344,10 +346,9 @@ async def stops(setup: Setup, trials: int, name: str) -> Summary:
             for index in range(WARMUP):
                 await trial(client, f"{name}-warmup-{gateway.port}-{index}", message)
         samples = [
-            (await trial(clients[i % len(clients)], f"{name}-{i}", message))[0]
-            for i in range(trials)
+            await trial(clients[i % len(clients)], f"{name}-{i}", message) for i in range(trials)
         ]
-    return Summary.of(samples)
+    return Summary.of([s[0] for s in samples]), Summary.of([s[2] for s in samples])
 
 
 async def step(setup: Setup, sessions: int, plan: Plan, label: str) -> Result:
@@ -388,11 +389,13 @@ async def measure(plan: Plan) -> tuple[list[Result], int, bool]:
         load = sessions
         async with fresh(1) as setup:
             half = await step(setup, load // 2, plan, "1 gateway at L/2")
-            results.append(attrs.evolve(half, stop=await stops(setup, plan.trials, "g1")))
+            stop, committed = await stops(setup, plan.trials, "g1")
+            results.append(attrs.evolve(half, stop=stop, committed=committed))
         async with fresh(2) as setup:
             results.append(await step(setup, load // 2, plan, "2 gateways at L/2"))
             full = await step(setup, load, plan, "2 gateways at L")
-            results.append(attrs.evolve(full, stop=await stops(setup, plan.trials, "g2")))
+            stop, committed = await stops(setup, plan.trials, "g2")
+            results.append(attrs.evolve(full, stop=stop, committed=committed))
         for result in (r for r in results if r.stop is not None):
             assert result.stop is not None
             print(f"  {result.label}: stop p99 {ms(result.stop.p99)} ms", flush=True)
@@ -499,6 +502,7 @@ def _row(result: Result) -> tuple[str, ...]:
         ms(stop.median) if stop else "",
         ms(stop.p99) if stop else "",
         ms(stop.max) if stop else "",
+        ms(result.committed.p99) if result.committed else "",
         _limit(window, result.gateways),
     )
 
@@ -517,6 +521,7 @@ def verdict(results: list[Result], load: int, saturated: bool) -> str:
     half = next(r for r in results if r.label == "1 gateway at L/2")
     two_at_l = next(r for r in results if r.label == "2 gateways at L")
     assert half.stop is not None and two_at_l.stop is not None
+    assert half.committed is not None and two_at_l.committed is not None
     found = (
         f"L = {load} sessions ({load * RATE:.0f} deltas/s nominal): there one gateway fell "
         f"behind (its deltas merged) or twice the sessions gave it less than "
@@ -542,7 +547,9 @@ def verdict(results: list[Result], load: int, saturated: bool) -> str:
         f"target 1.7x: {throughput} (at L alone: {at_l:.2f}x; the most each carried is "
         "compared, as one gateway past its knee can carry less than at it). Stop p99 "
         f"with two gateways at L: {ms(two_at_l.stop.p99)} ms, against {ms(half.stop.p99)} ms "
-        f"for one gateway at L/2 (target: no worse; {stop})."
+        f"for one gateway at L/2 (target: no worse; {stop}); of it, the gateway's own part "
+        f"(abort to commit end) had p99 {ms(two_at_l.committed.p99)} ms and "
+        f"{ms(half.committed.p99)} ms."
     )
 
 
@@ -577,7 +584,10 @@ async def run(quick: bool) -> Section:
         "under load (one gateway at L/2, two at L): a measuring client per gateway, "
         "subscribed to a session of its own, sends a reply streaming 200 words/s, "
         "`chat.abort` 50 ms after its start, and stamps its `aborted` event "
-        f"({WARMUP} untimed trials first per gateway; trials dealt to the gateways in turn). "
+        f"({WARMUP} untimed trials first per gateway; trials dealt to the gateways in turn); "
+        "the column after the stop's max is each stop's part inside the gateway, from the "
+        "abort to the stop commit's end (the `runtime.stopped` event's timings), the rest "
+        "being the request reaching its handler and the `aborted` event reaching the client. "
         "Delivered deltas/s counts the deltas that reached the sessions' connections, from "
         "the run's own `seq` on each chat delta frame; a connection with more than "
         f"{COALESCE_AFTER} events waiting gets its deltas merged, so fewer frames (the next "
@@ -602,7 +612,8 @@ async def run(quick: bool) -> Section:
             "delta frames/s",
             "gateway CPU (cores)", "provider CPU", "load generator CPU", "Redis CPU",
             "PostgreSQL CPU", f"machine busy (of {cores} cores)", "stop trials",
-            "stop median ms", "stop p99 ms", "stop max ms", "what limits it",
+            "stop median ms", "stop p99 ms", "stop max ms",
+            "stop p99 in the gateway ms (abort to commit end)", "what limits it",
         ),
         tuple(_row(r) for r in results),
         notes,

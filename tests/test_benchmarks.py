@@ -158,8 +158,10 @@ def test_quick_scale_out_throughput(tmp_path: Path) -> None:
         ["2 gateways at L", "8"],
     ]
     for row in rows:
-        assert len(row) == 16 and float(row[3]) > 0 and float(row[4]) > 0  # deltas arrived
+        assert len(row) == 17 and float(row[3]) > 0 and float(row[4]) > 0  # deltas arrived
         assert all(float(cores) >= 0 for cores in row[5].split(" + "))
     assert len(_row(rows, "2 gateways at L")[5].split(" + ")) == 2  # both gateways sampled
     for label in ("1 gateway at L/2", "2 gateways at L"):
         assert _row(rows, label)[11] == "3"  # every stop trial completed
+        # the gateway's part of a stop (abort to commit end) is within the whole stop
+        assert 0 < float(_row(rows, label)[15]) <= float(_row(rows, label)[14])
