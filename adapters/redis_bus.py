@@ -40,7 +40,9 @@ hands those of the other processes to its own subscribers (``Runtime.relay``), s
 client may follow a run from any process, with the run's own ``seq``. A process receives
 only the sessions its subscribers follow (``Runtime.followed_sessions``: a channel per
 session, or the pattern of all while one subscriber, such as a gateway connection that
-never called ``sessions.messages.subscribe``, follows every session), and says so first
+never called ``sessions.messages.subscribe``, follows every session; the channels stay a
+few seconds under the pattern, so connections that follow everything for a moment do not
+make it drop and take them again), and says so first
 (``followers:{session}`` and ``followers-all`` hold the processes that relay them,
 ``follows:{process}`` what each relays, for its cleanup); a process publishes only the
 events some other process relays, so one whose clients follow only its own runs sends
@@ -63,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -313,6 +316,7 @@ class RedisAbortBus:
     tombstone_for: float = 60.0
     reply_timeout: float = 2.0
     relay_events: bool = True
+    channels_under_pattern: float = 5.0  # see _follow
     process_id: str = attrs.field(factory=lambda: uuid.uuid4().hex[:16])
     _client: Any = attrs.field(default=None, init=False)
     _runtime: Runtime | None = attrs.field(default=None, init=False)
@@ -695,7 +699,7 @@ class RedisAbortBus:
         assert self._runtime is not None
         event: Event = converter.structure(data["event"], Event)  # type: ignore[arg-type]
         if event.seq <= self._remote_runs.get(event.run_id, -1):
-            return  # received twice: by its session's channel and by the pattern, a moment
+            return  # received twice: by its session's channel and by the pattern (_follow)
         self._remote_runs[event.run_id] = event.seq  # so _publish_events does not send it back
         if is_terminal(event):
             self._remote_ends.append(event.run_id)
@@ -708,17 +712,30 @@ class RedisAbortBus:
         follow (a channel each, or the pattern of all while one follows every session),
         subscribing before unsubscribing, so a followed session is never missed. What it
         relays is declared in Redis first (``followers:{session}``, ``followers-all``):
-        the other processes publish only what some process relays."""
+        the other processes publish only what some process relays.
+
+        The channels stay subscribed under the pattern for ``channels_under_pattern``
+        seconds (an event then comes twice; the copy is dropped by its seq): a gateway
+        connection follows every session until it subscribes to one, a few ms, and
+        clients connecting one after another would otherwise have the process drop and
+        take again every channel for each of them."""
         assert self._runtime is not None
         everything = self._key("events", "*")
         version: int | None = None
+        pattern_since = math.inf  # when the pattern was last subscribed to
         while True:
             if version is not None:
-                await self._runtime.wait_followed_changed(version)
-            version, wanted = self._runtime.followed_sessions(besides=self._publishing)
-            sessions = wanted or frozenset()
+                covering = self._relaying_all and self._relaying  # channels to drop, later
+                until = pattern_since + self.channels_under_pattern if covering else math.inf
+                with trio.move_on_at(until):
+                    await self._runtime.wait_followed_changed(version)
+            version, named, all_ = self._runtime.followed_sessions(besides=self._publishing)
+            if all_ and not self._relaying_all:
+                pattern_since = trio.current_time()
+            covered = all_ and trio.current_time() >= pattern_since + self.channels_under_pattern
+            sessions = frozenset() if covered else named
             try:
-                if wanted is None and not self._relaying_all:
+                if all_ and not self._relaying_all:
                     await self._declare(True)
                     await pubsub.psubscribe(everything)
                     self._relaying_all = True
@@ -726,7 +743,7 @@ class RedisAbortBus:
                     await self._declare(self._relaying_all, added=new)
                     await pubsub.subscribe(*(self._key("events", s) for s in new))
                     self._relaying |= new
-                if wanted is not None and self._relaying_all:
+                if not all_ and self._relaying_all:
                     await pubsub.punsubscribe(everything)
                     self._relaying_all = False
                     await self._declare(False)
@@ -763,7 +780,7 @@ class RedisAbortBus:
         if not self.relay_events:
             return
         assert self._runtime is not None
-        version, _ = self._runtime.followed_sessions(besides=self._publishing)
+        version, _, _ = self._runtime.followed_sessions(besides=self._publishing)
         with trio.move_on_after(self.reply_timeout):
             while self._relayed_version < version:
                 await self._relay_progress.wait()
@@ -795,7 +812,7 @@ class RedisAbortBus:
                 continue
             channels.append(self._key("events", event.session_key))
             event_json = json.dumps(converter.unstructure(event, Event))
-            args += [event.session_key, f"{self._own_events} \"event\": {event_json}}}"]
+            args += [event.session_key, f'{self._own_events} "event": {event_json}}}']
         if channels:
             try:
                 await self._scripts["publish_all"](channels, args)

@@ -316,12 +316,11 @@ class EventBus:
         factory=trio.lowlevel.ParkingLot, init=False
     )
 
-    def followed(self, besides: Subscription | None = None) -> frozenset[str] | None:
-        """The sessions some subscription follows, or None when one (other than
+    def followed(self, besides: Subscription | None = None) -> tuple[frozenset[str], bool]:
+        """The sessions some subscription follows by name, and whether one (other than
         ``besides``) follows every session."""
-        if any(subscription is not besides for subscription in self._everything):
-            return None
-        return frozenset(self._by_session).union(self._run_sessions.values())
+        everything = any(subscription is not besides for subscription in self._everything)
+        return frozenset(self._by_session).union(self._run_sessions.values()), everything
 
     @property
     def routes_version(self) -> int:

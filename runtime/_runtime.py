@@ -517,12 +517,12 @@ class Runtime:
 
     def followed_sessions(
         self, besides: Subscription | None = None
-    ) -> tuple[int, frozenset[str] | None]:
-        """What this process's subscribers follow, leaving out ``besides``: the sessions,
-        or None when one follows every session, with a version number that changes with
-        it (``wait_followed_changed``). The abort bus relays other processes' events for
-        these sessions only."""
-        return self._bus.routes_version, self._bus.followed(besides)
+    ) -> tuple[int, frozenset[str], bool]:
+        """What this process's subscribers follow, leaving out ``besides``: a version
+        number that changes with it (``wait_followed_changed``), the sessions followed by
+        name, and whether one follows every session. The abort bus relays other
+        processes' events for these sessions only."""
+        return self._bus.routes_version, *self._bus.followed(besides)
 
     async def wait_followed_changed(self, version: int) -> None:
         """Return once what the subscribers follow changed since ``version``."""

@@ -447,7 +447,10 @@ async def test_a_process_receives_only_the_sessions_its_subscribers_follow(
 ) -> None:
     store = MemoryStore()
     with trio.fail_after(30):
-        async with runtime(store, redis) as a, runtime(store, redis) as b:
+        async with (
+            runtime(store, redis) as a,
+            runtime(store, redis, channels_under_pattern=2.0) as b,
+        ):
             client = b.abort_bus._client
             channel = f"{b.abort_bus.prefix}events:"
 
@@ -475,8 +478,9 @@ async def test_a_process_receives_only_the_sessions_its_subscribers_follow(
                 two = await a.start_run("t", "q", "r2")
                 await streaming(a, "r2")
                 with b.subscribe() as everything:  # one that follows every session
-                    await settled({"s": 0, "t": 0}, 1)  # the pattern alone: no copies
+                    await settled({"s": 0, "t": 1}, 1)  # the pattern, t's channel a while
                     await streaming(a, "r1")
+                    await settled({"s": 0, "t": 0}, 1)  # then the pattern alone: no copies
                 a.abort("r1")
                 await settled({"s": 0, "t": 1}, 0)  # back to t's channel alone
                 a.abort("r2")
@@ -492,6 +496,41 @@ async def test_a_process_receives_only_the_sessions_its_subscribers_follow(
             assert seqs == sorted(set(seqs))
             assert everything.follows_everything
             await settled({"s": 0, "t": 0}, 0)
+
+
+async def test_connections_following_everything_a_moment_leave_the_channels_be(
+    redis: Redis,
+) -> None:
+    """Seen in the throughput benchmark: a gateway connection follows every session until
+    it subscribes to one, and clients connecting one after another had the process drop
+    every session channel for the pattern and take it again, for each of them (hundreds
+    of commands, and Redis's acknowledgements late under load)."""
+    store = MemoryStore()
+
+    async def unsubscribes() -> int:
+        stats = await b.abort_bus._client.info("commandstats")
+        return int(stats.get("cmdstat_unsubscribe", {}).get("calls", 0))
+
+    with trio.fail_after(30):
+        async with runtime(store, redis) as a, runtime(store, redis) as b:
+            with b.subscribe("t") as on_t:
+                await b.live_runs_anywhere("t")  # returns once t's channel is subscribed
+                before = await unsubscribes()
+                for _ in range(10):  # ten connections, each subscribing to a session soon
+                    with b.subscribe():
+                        await b.live_runs_anywhere("t")  # the pattern is subscribed
+                assert await unsubscribes() == before  # t's channel stayed
+                with b.subscribe():  # the pattern and t's channel: each event comes twice
+                    run = await a.start_run("t", "q", "r1")
+                    await first_delta(a, "r1")
+                    a.abort("r1")
+                    await run.wait()
+                    seqs = []
+                    async for event in on_t:
+                        seqs.append(event.seq)
+                        if isinstance(event, RunCancelled):
+                            break
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # once each, in order
 
 
 async def test_an_id_another_process_ran_meanwhile_is_not_started_again(redis: Redis) -> None:
