@@ -190,7 +190,8 @@ class PostgresStore:
             )
         if isinstance(exc, psycopg.errors.DiskFull):
             return PostgresStoreError(
-                f"{where} is full: the server's disk has no room left. Free space, then try again."
+                f"{where} is full: the server's disk has no room left. Free space, then try "
+                "again."
             )
         if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
             return PostgresStoreError(
@@ -231,7 +232,10 @@ class PostgresStore:
                 sql = "SELECT body FROM messages WHERE session_key = %s ORDER BY id"
                 rows = c.execute(sql, (session_key,)).fetchall()
             else:
-                sql = "SELECT body FROM messages WHERE session_key = %s ORDER BY id DESC LIMIT %s"
+                sql = (
+                    "SELECT body FROM messages WHERE session_key = %s "
+                    "ORDER BY id DESC LIMIT %s"
+                )
                 rows = c.execute(sql, (session_key, limit)).fetchall()[::-1]
             return [message_from(row[0]) for row in rows]
 
