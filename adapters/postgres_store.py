@@ -169,9 +169,12 @@ class PostgresStore:
         with scope:
             await trio.sleep_until(deadline)
             with trio.CancelScope(shield=True):  # never leave a cancel half sent
-                await trio.to_thread.run_sync(
-                    call.cancel, self.connect_timeout, limiter=self._cancellers
-                )
+                try:
+                    await trio.to_thread.run_sync(
+                        call.cancel, self.connect_timeout, limiter=self._cancellers
+                    )
+                except Exception as exc:  # a system task must not raise: Trio would stop
+                    logger.warning("a query past its deadline could not be cancelled: %s", str(exc))
 
     def _error(self, exc: psycopg.Error | PoolTimeout) -> PostgresStoreError:
         """The one place where psycopg's errors become PostgresStoreError."""
@@ -360,10 +363,7 @@ class _Call(Generic[T]):
     def cancel(self, timeout: float) -> None:
         with self._lock:
             if self._connection is not None:
-                try:
-                    self._connection.cancel_safe(timeout=timeout)
-                except Exception as exc:  # the call then ends by statement_timeout
-                    logger.warning("a query past its deadline could not be cancelled: %s", str(exc))
+                self._connection.cancel_safe(timeout=timeout)
 
 
 def _touch(c: psycopg.Connection[Any], session_key: str) -> None:

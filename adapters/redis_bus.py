@@ -331,6 +331,9 @@ class RedisAbortBus:
     _release_wanted: trio.Event = attrs.field(factory=trio.Event, init=False)
     _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
     _tasks: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    # _follow's scope, and whether it is running (see _leave)
+    _following: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _follow_ended: trio.Event | None = attrs.field(default=None, init=False)
     _answered: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)  # by request
     _underway: set[str] = attrs.field(factory=set, init=False)  # requests answered later
     # runs of other processes whose events were relayed here: the last seq of each (kept
@@ -338,8 +341,8 @@ class RedisAbortBus:
     _remote_runs: dict[str, int] = attrs.field(factory=dict, init=False)
     _remote_ends: deque[str] = attrs.field(factory=deque, init=False)
     _publishing: Subscription | None = attrs.field(default=None, init=False)
-    # the sessions whose events are subscribed to (or all of them: the pattern), for the
-    # followed sessions of this version of the runtime's routes
+    # the sessions whose channels are subscribed to, and whether the pattern of all is,
+    # for the runtime's routes of version _relayed_version (see _follow)
     _relaying: set[str] = attrs.field(factory=set, init=False)
     _relaying_all: bool = attrs.field(default=False, init=False)
     _relayed_version: int = attrs.field(default=-1, init=False)
@@ -410,18 +413,25 @@ class RedisAbortBus:
                     try:
                         yield self
                     finally:
-                        await self._leave()
-                        subscriptions.cancel()
-                        self._nursery = None
+                        try:
+                            await self._leave()
+                        finally:
+                            subscriptions.cancel()
+                            self._nursery = None
 
     async def _leave(self) -> None:
         """A clean exit: release this process's runs and forget it, so no one has to reap
-        it. With Redis unreachable, the others reap it once its heartbeat expires."""
+        it; what it relays is declared no more first (a declaration landing after the
+        forgetting would have the others publish to it forever). If that fails, the
+        others reap it once its heartbeat expires."""
         with trio.move_on_after(5, shield=True) as waited:
             try:
+                self._following.cancel()  # if not started yet, it never declares anything
+                if self._follow_ended is not None:
+                    await self._follow_ended.wait()
                 await self._release_now()
                 await self._forget(self.process_id)
-            except UNREACHABLE as exc:
+            except Exception as exc:
                 logger.warning(
                     "this process could not be forgotten by Redis (%s): other processes "
                     "reap its runs once its heartbeat expires",
@@ -670,7 +680,7 @@ class RedisAbortBus:
                 if self.relay_events:
                     nursery.start_soon(self._listen, events, self._on_event)
                     nursery.start_soon(self._publish_events)
-                    nursery.start_soon(self._follow, events)
+                    nursery.start_soon(self._follow_until_left, events)
 
     async def _listen(self, pubsub: Any, handle: Callable[[Any], None]) -> None:
         """Hand each message of ``pubsub`` to ``handle``. When the connection drops,
@@ -707,6 +717,14 @@ class RedisAbortBus:
                 del self._remote_runs[self._remote_ends.popleft()]
         self._runtime.relay(event)
 
+    async def _follow_until_left(self, pubsub: Any) -> None:
+        self._follow_ended = ended = trio.Event()
+        try:
+            with self._following:  # cancelled by _leave
+                await self._follow(pubsub)
+        finally:
+            ended.set()
+
     async def _follow(self, pubsub: Any) -> None:
         """Receive other processes' events for the sessions this process's subscribers
         follow (a channel each, or the pattern of all while one follows every session),
@@ -722,18 +740,16 @@ class RedisAbortBus:
         assert self._runtime is not None
         everything = self._key("events", "*")
         version: int | None = None
-        pattern_since = math.inf  # when the pattern was last subscribed to
+        channels_go = math.inf  # when the pattern has covered the channels long enough
         while True:
             if version is not None:
                 covering = self._relaying_all and self._relaying  # channels to drop, later
-                until = pattern_since + self.channels_under_pattern if covering else math.inf
-                with trio.move_on_at(until):
+                with trio.move_on_at(channels_go if covering else math.inf):
                     await self._runtime.wait_followed_changed(version)
             version, named, all_ = self._runtime.followed_sessions(besides=self._publishing)
             if all_ and not self._relaying_all:
-                pattern_since = trio.current_time()
-            covered = all_ and trio.current_time() >= pattern_since + self.channels_under_pattern
-            sessions = frozenset() if covered else named
+                channels_go = trio.current_time() + self.channels_under_pattern
+            sessions = frozenset() if all_ and trio.current_time() >= channels_go else named
             try:
                 if all_ and not self._relaying_all:
                     await self._declare(True)

@@ -3,6 +3,7 @@ claims, tombstones and replies, fast; test_scale_out.py runs the same across pro
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -447,10 +448,7 @@ async def test_a_process_receives_only_the_sessions_its_subscribers_follow(
 ) -> None:
     store = MemoryStore()
     with trio.fail_after(30):
-        async with (
-            runtime(store, redis) as a,
-            runtime(store, redis, channels_under_pattern=2.0) as b,
-        ):
+        async with runtime(store, redis) as a, runtime(store, redis) as b:
             client = b.abort_bus._client
             channel = f"{b.abort_bus.prefix}events:"
 
@@ -478,7 +476,7 @@ async def test_a_process_receives_only_the_sessions_its_subscribers_follow(
                 two = await a.start_run("t", "q", "r2")
                 await streaming(a, "r2")
                 with b.subscribe() as everything:  # one that follows every session
-                    await settled({"s": 0, "t": 1}, 1)  # the pattern, t's channel a while
+                    await settled({"s": 0, "t": 1}, 1)  # the pattern, t's channel 5 s
                     await streaming(a, "r1")
                     await settled({"s": 0, "t": 0}, 1)  # then the pattern alone: no copies
                 a.abort("r1")
@@ -511,14 +509,20 @@ async def test_connections_following_everything_a_moment_leave_the_channels_be(
         stats = await b.abort_bus._client.info("commandstats")
         return int(stats.get("cmdstat_unsubscribe", {}).get("calls", 0))
 
-    with trio.fail_after(30):
-        async with runtime(store, redis) as a, runtime(store, redis) as b:
+    with trio.fail_after(30), contextlib.ExitStack() as later:
+        async with (
+            runtime(store, redis) as a,
+            runtime(store, redis, channels_under_pattern=60) as b,
+        ):
+            bus = b.abort_bus
             with b.subscribe("t") as on_t:
                 await b.live_runs_anywhere("t")  # returns once t's channel is subscribed
+                assert bus._relaying == {"t"} and not bus._relaying_all
                 before = await unsubscribes()
                 for _ in range(10):  # ten connections, each subscribing to a session soon
                     with b.subscribe():
-                        await b.live_runs_anywhere("t")  # the pattern is subscribed
+                        await b.live_runs_anywhere("t")  # returns once the pattern is, too
+                        assert bus._relaying == {"t"} and bus._relaying_all
                 assert await unsubscribes() == before  # t's channel stayed
                 with b.subscribe():  # the pattern and t's channel: each event comes twice
                     run = await a.start_run("t", "q", "r1")
@@ -530,7 +534,17 @@ async def test_connections_following_everything_a_moment_leave_the_channels_be(
                         seqs.append(event.seq)
                         if isinstance(event, RunCancelled):
                             break
+                    assert bus._relaying == {"t"} and bus._relaying_all  # both, all along
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # once each, in order
+            later.enter_context(b.subscribe())  # b leaves while it relays everything
+            await b.live_runs_anywhere("t")
+        # nothing b declared is left (the others would publish to it forever): it stops
+        # following before it is forgotten
+        async with runtime(store, redis) as c:
+            prefix, client = c.abort_bus.prefix, c.abort_bus._client
+            assert await client.smembers(prefix + "followers-all") == set()
+            assert await client.smembers(prefix + "followers:t") == set()
+            assert await client.exists([prefix + "follows:" + bus.process_id]) == 0
 
 
 async def test_an_id_another_process_ran_meanwhile_is_not_started_again(redis: Redis) -> None:
