@@ -705,11 +705,11 @@ class RedisAbortBus:
     def _on_event(self, message: Any) -> None:
         if message["data"].startswith(self._own_events):
             return  # this process's own, back from a session it follows: not even parsed
-        data = json.loads(message["data"])
-        assert self._runtime is not None
-        event: Event = converter.structure(data["event"], Event)  # type: ignore[arg-type]
-        if event.seq <= self._remote_runs.get(event.run_id, -1):
+        data = json.loads(message["data"])["event"]
+        if data["seq"] <= self._remote_runs.get(data["run_id"], -1):
             return  # received twice: by its session's channel and by the pattern (_follow)
+        assert self._runtime is not None
+        event: Event = converter.structure(data, Event)  # type: ignore[arg-type]
         self._remote_runs[event.run_id] = event.seq  # so _publish_events does not send it back
         if is_terminal(event):
             self._remote_ends.append(event.run_id)
