@@ -349,7 +349,8 @@ class Runtime:
             if busy and (concurrency or settings.concurrency) == "reject":
                 if (recorded := await self.store.get_run(run_id)) is not None:
                     raise RunExists(run_id, live=recorded.status == "running")
-                raise SessionBusy(session_key, busy[0].run_id)
+                if busy := self._sessions.get(session_key):  # its runs may have ended meanwhile
+                    raise SessionBusy(session_key, busy[0].run_id)
             # Claimed first, then looked for in the store: a process that ran this id
             # wrote its record before releasing it, so no process can start it again
             # between the two (see _abort). An abort that comes meanwhile is kept for

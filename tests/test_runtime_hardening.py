@@ -516,3 +516,36 @@ async def test_a_run_stopped_while_its_prompt_was_being_saved_never_loses_it(
         failing.clear()
         assert (await settled(store, "r")).status == "cancelled"
         assert await store.history("s") == []
+
+
+async def test_a_refused_send_whose_session_freed_meanwhile_is_admitted() -> None:
+    """Found by the long two-gateway schedules: a send the `reject` policy was about to
+    refuse looked its id up in the store, the session's run ended meanwhile, and the
+    refusal read the emptied list of the session's runs (IndexError: "The run could not
+    start"). The session is free by then: the send is admitted."""
+    ended = trio.Event()
+
+    async def late_lookup(run_id: str) -> None:
+        if run_id == "second":
+            await ended.wait()
+
+    model = ScriptedModel.from_turns(SLOW_TEXT, text_turn("second reply"))
+    store = HookedStore(MemoryStore(), before_get_run=late_lookup)
+    async with Runtime(model=model, store=store) as rt, trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            first = await rt.start_run("s", "first", run_id="first")
+            admitted: list[Any] = []
+
+            async def send() -> None:
+                admitted.append(
+                    await rt.start_run("s", "second", run_id="second", concurrency="reject")
+                )
+
+            nursery.start_soon(send)
+            await trio.testing.wait_all_tasks_blocked()
+            rt.abort(run_id="first")
+            await first.wait()
+            ended.set()
+            while not admitted:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            assert isinstance(await admitted[0].wait(), RunFinished)
