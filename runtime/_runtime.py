@@ -15,8 +15,8 @@ import statistics as stats
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from types import TracebackType
 from typing import Any, Literal, final
 
@@ -243,6 +243,8 @@ class Runtime:
     _runs: dict[str, Run] = attrs.field(factory=dict, init=False)
     _sessions: dict[str, list[Run]] = attrs.field(factory=dict, init=False)
     _admitting: dict[str, trio.Event] = attrs.field(factory=dict, init=False)  # in start_run
+    # a session's prompt writes and late commits, one at a time (see _in_order)
+    _order: dict[str, trio.Lock] = attrs.field(factory=dict, init=False)
     _bus: EventBus = attrs.field(factory=EventBus, init=False)
     _exit_stack: AsyncExitStack | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
@@ -647,7 +649,8 @@ class Runtime:
         )
         run._begun = True
         with _store_call("save the prompt"):
-            await self.store.begin_run(record, prompt)
+            async with self._in_order(run.session_key):
+                await self.store.begin_run(record, prompt)
         run._prompt_stored = True
         with _store_call("read the session's history"):
             stored = await self.store.history(run.session_key, limit=MAX_HISTORY_READ)
@@ -895,12 +898,13 @@ class Runtime:
         the history: if the session went on meanwhile, its items are set aside in the run
         record instead of being appended after later turns."""
         record, items = plan.record, plan.items
-        if items and not plan.rollback:
-            tail = await self.store.history(record.session_key, limit=1)
-            if not tail or tail[-1].meta.get("run_id") != record.run_id:
-                record = attrs.evolve(record, set_aside=tuple(items), error=SET_ASIDE)
-                items = []
-        await self.store.commit_run(record, items, rollback=plan.rollback)
+        async with self._in_order(record.session_key):
+            if items and not plan.rollback:
+                tail = await self.store.history(record.session_key, limit=1)
+                if not tail or tail[-1].meta.get("run_id") != record.run_id:
+                    record = attrs.evolve(record, set_aside=tuple(items), error=SET_ASIDE)
+                    items = []
+            await self.store.commit_run(record, items, rollback=plan.rollback)
         if self._unsettled.pop(record.run_id, None) is not None:
             self.abort_bus.released(record.run_id)  # its end is written at last
         logger.info(
@@ -911,6 +915,23 @@ class Runtime:
             len(items),
             len(record.set_aside),
         )
+
+    @asynccontextmanager
+    async def _in_order(self, session_key: str) -> AsyncIterator[None]:
+        """Hold the session's order: a late commit reads the session's last message and
+        appends after it only if it is the run's own, so the session's next prompt must
+        not be written in between (found by the two-gateway schedules). Another process
+        cannot write one meanwhile, as a run whose end is unsaved keeps its session here;
+        left open: a dead process's run closed by another, whose session is free once its
+        holder is dead (closing it in the store's own transaction would close that)."""
+        lock = self._order.setdefault(session_key, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                if self._order.get(session_key) is lock:
+                    del self._order[session_key]
 
     def _emit_terminal(self, run: Run, kind: type[TerminalEvent], **fields: Any) -> None:
         if run._terminal is not None:

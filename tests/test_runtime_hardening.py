@@ -549,3 +549,57 @@ async def test_a_refused_send_whose_session_freed_meanwhile_is_admitted() -> Non
             while not admitted:  # noqa: ASYNC110
                 await trio.sleep(0.01)
             assert isinstance(await admitted[0].wait(), RunFinished)
+
+
+async def test_a_run_saved_late_never_lands_after_the_next_prompt() -> None:
+    """Found by the long two-gateway schedules (history with two assistant messages in a
+    row): a failed commit saved later read the session's last message (its own prompt),
+    the next run's prompt landed, and the late commit appended its reply after it. A
+    session's prompts and late commits now go one at a time. Here the hooks force that
+    order where the runtime allows it (each waits at most 1 s)."""
+    tail_read, second_begun = trio.Event(), trio.Event()
+    commits = 0
+
+    async def before_commit_run(record: RunRecord, items: Any, *, rollback: bool) -> None:
+        nonlocal commits
+        if record.run_id == "first":
+            commits += 1
+            if commits == 1:
+                raise OSError("disk hiccup")
+            with trio.move_on_after(1):  # the late commit: after the next prompt, if it can
+                await second_begun.wait()
+
+    async def before_history(session_key: str, limit: int | None = None) -> None:
+        if limit == 1:  # the late commit reads the session's last message
+            tail_read.set()
+
+    async def before_begin_run(record: RunRecord, prompt: Message) -> None:
+        if record.run_id == "second":
+            with trio.move_on_after(1):  # the next prompt: after that read, if it can
+                await tail_read.wait()
+
+    async def after_begin_run(record: RunRecord, prompt: Message) -> None:
+        if record.run_id == "second":
+            second_begun.set()
+
+    model = ScriptedModel.from_turns(SLOW_TEXT, text_turn("second reply"))
+    inner = MemoryStore()
+    store = HookedStore(
+        inner,
+        before_commit_run=before_commit_run,
+        before_history=before_history,
+        before_begin_run=before_begin_run,
+        after_begin_run=after_begin_run,
+    )
+    async with Runtime(model=model, store=store, checkpoint_interval=0.05) as rt:
+        with trio.fail_after(30), rt.subscribe("s") as events:
+            first = await rt.start_run("s", "first", run_id="first")
+            second = await rt.start_run("s", "second", run_id="second", concurrency="enqueue")
+            await wait_for(events, TextDelta, "first")
+            rt.abort(run_id="first")
+            assert isinstance(await first.wait(), RunFailed)  # its end is saved later
+            assert isinstance(await second.wait(), RunFinished)
+            await settled(inner, "first")
+    history = await inner.history("s")
+    validate_history(history)
+    assert [m.text for m in history if m.role == "user"] == ["first", "second"]
