@@ -926,8 +926,14 @@ class Runtime:
         holder is dead (closing it in the store's own transaction would close that)."""
         lock = self._order.setdefault(session_key, trio.Lock())
         try:
-            async with lock:
+            try:
+                lock.acquire_nowait()  # the usual case: no scheduler pass before the write
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 if self._order.get(session_key) is lock:
