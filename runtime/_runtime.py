@@ -59,7 +59,7 @@ from ._events import (
 from ._history import InvalidHistory, Message, TextBlock, validate_history
 from ._model import Model, ModelError, ModelRequest, TextChunk, ThinkingChunk
 from ._state import BUDGET_RESULT, PendingCall, RunState, encode_fragment
-from ._store import MemoryStore, RunRecord, RunStatus, Store
+from ._store import MemoryStore, RunRecord, RunStatus, SessionSettings, Store
 from ._tools import Tool, call_tool
 
 logger = logging.getLogger("runtime")
@@ -243,7 +243,16 @@ class Runtime:
     _runs: dict[str, Run] = attrs.field(factory=dict, init=False)
     _sessions: dict[str, list[Run]] = attrs.field(factory=dict, init=False)
     _admitting: dict[str, trio.Event] = attrs.field(factory=dict, init=False)  # in start_run
-    # a session's prompt writes and late commits, one at a time (see _in_order)
+    # By session: its admissions, one at a time (a send the reject policy refuses must
+    # never have claimed its id: another process would answer a resend of it in_flight,
+    # for a run that never runs; found by the two-gateway schedules).
+    _admissions: dict[str, trio.Lock] = attrs.field(factory=dict, init=False)
+    # By session: its prompt writes and late commits, one at a time. A late commit reads
+    # the session's last message and appends after it only if it is the run's own, so the
+    # next prompt must not be written in between (found by the two-gateway schedules).
+    # Another process cannot write one meanwhile, as a run whose end is unsaved keeps its
+    # session here; left open: a dead process's run closed by another, whose session is
+    # free once its holder is dead (the check inside the store's commit would close it).
     _order: dict[str, trio.Lock] = attrs.field(factory=dict, init=False)
     _bus: EventBus = attrs.field(factory=EventBus, init=False)
     _exit_stack: AsyncExitStack | None = attrs.field(default=None, init=False)
@@ -341,12 +350,57 @@ class Runtime:
         if run_id in self._unsettled:  # it ran; its record is not in the store yet
             raise RunExists(run_id, live=False)
         self._admitting[run_id] = trio.Event()
+        try:
+            async with _one_at_a_time(self._admissions, session_key):  # see _admissions
+                settings = await self._admit(session_key, run_id, concurrency)
+                # From here to the end: no await, so admission and registration are atomic.
+                chain = self._sessions.get(session_key, [])
+                policy = concurrency or settings.concurrency
+                if self._closing or (chain and policy == "reject"):
+                    self.abort_bus.released(run_id)
+                    if self._closing:  # shutdown began while this admission awaited the store
+                        raise RuntimeClosing()
+                    raise SessionBusy(session_key, chain[0].run_id)
+                run = Run(
+                    run_id,
+                    session_key,
+                    message,
+                    stop_policy or settings.stop_policy,
+                    allow_cancel,
+                    self.thinking if thinking is None else thinking,
+                    run_timeout if run_timeout is not None else self.run_timeout,
+                    context,
+                    tuple(chain),
+                )
+                if chain and policy in ("interrupt", "rollback") and chain[0].allow_cancel:
+                    live = chain[0]  # one that does not allow cancel is waited for
+                    self._abort_run(
+                        live, "interrupted", "rollback" if policy == "rollback" else "keep_partial"
+                    )
+                self._runs[run_id] = run
+                self._sessions.setdefault(session_key, chain).append(run)
+                self._publish(run, StreamOptions, allow_cancel=run.allow_cancel)
+                if run._ahead:
+                    self._publish(run, RunQueued, prompt=message, behind=run._ahead[-1].run_id)
+        finally:
+            self._admitting.pop(run_id).set()
+        self._nursery.start_soon(self._drive, run, name=f"run {run_id}")
+        if self.abort_bus.registered(run_id) and allow_cancel:  # an abort came first: it wins
+            self._abort_run(run, "rpc", None)
+        return run
+
+    async def _admit(
+        self, session_key: str, run_id: str, concurrency: ConcurrencyPolicy | None
+    ) -> SessionSettings:
+        """``start_run``'s awaits: the session's settings, a refusal under ``reject``, the
+        claim of the id (then its lookup in the store). Returns the settings with the id
+        claimed, or raises with nothing claimed."""
         claimed = False
         try:
             settings = await self.store.get_settings(session_key)
-            # Refused before the claim where it can be: while claimed, another process
-            # answers a send of this id "in_flight" and an abort of it "aborted", for a run
-            # that then never runs. (Checked again below: the session may fill meanwhile.)
+            # Refused before the claim: while claimed, another process answers a send of
+            # this id "in_flight" and an abort of it "aborted", for a run that then never
+            # runs. (No admission fills the session meanwhile: see _admissions.)
             busy = self._sessions.get(session_key)
             if busy and (concurrency or settings.concurrency) == "reject":
                 if (recorded := await self.store.get_run(run_id)) is not None:
@@ -367,41 +421,7 @@ class Runtime:
             if claimed:  # the claim landed but the run will not be registered
                 self.abort_bus.released(run_id)
             raise
-        finally:
-            self._admitting.pop(run_id).set()
-        # From here to the end: no await, so admission and registration are atomic.
-        chain = self._sessions.get(session_key, [])
-        policy = concurrency or settings.concurrency
-        if self._closing or (chain and policy == "reject"):
-            self.abort_bus.released(run_id)
-            if self._closing:  # shutdown began while this admission awaited the store
-                raise RuntimeClosing()
-            raise SessionBusy(session_key, chain[0].run_id)
-        run = Run(
-            run_id,
-            session_key,
-            message,
-            stop_policy or settings.stop_policy,
-            allow_cancel,
-            self.thinking if thinking is None else thinking,
-            run_timeout if run_timeout is not None else self.run_timeout,
-            context,
-            tuple(chain),
-        )
-        if chain and policy in ("interrupt", "rollback") and chain[0].allow_cancel:
-            live = chain[0]  # one that does not allow cancel is waited for, as under enqueue
-            self._abort_run(
-                live, "interrupted", "rollback" if policy == "rollback" else "keep_partial"
-            )
-        self._runs[run_id] = run
-        self._sessions.setdefault(session_key, chain).append(run)
-        self._publish(run, StreamOptions, allow_cancel=run.allow_cancel)
-        if run._ahead:
-            self._publish(run, RunQueued, prompt=message, behind=run._ahead[-1].run_id)
-        self._nursery.start_soon(self._drive, run, name=f"run {run_id}")
-        if self.abort_bus.registered(run_id) and allow_cancel:  # an abort came first: it wins
-            self._abort_run(run, "rpc", None)
-        return run
+        return settings
 
     async def start_run_anywhere(
         self,
@@ -649,7 +669,7 @@ class Runtime:
         )
         run._begun = True
         with _store_call("save the prompt"):
-            async with self._in_order(run.session_key):
+            async with _one_at_a_time(self._order, run.session_key):
                 await self.store.begin_run(record, prompt)
         run._prompt_stored = True
         with _store_call("read the session's history"):
@@ -898,7 +918,7 @@ class Runtime:
         the history: if the session went on meanwhile, its items are set aside in the run
         record instead of being appended after later turns."""
         record, items = plan.record, plan.items
-        async with self._in_order(record.session_key):
+        async with _one_at_a_time(self._order, record.session_key):
             if items and not plan.rollback:
                 tail = await self.store.history(record.session_key, limit=1)
                 if not tail or tail[-1].meta.get("run_id") != record.run_id:
@@ -915,29 +935,6 @@ class Runtime:
             len(items),
             len(record.set_aside),
         )
-
-    @asynccontextmanager
-    async def _in_order(self, session_key: str) -> AsyncIterator[None]:
-        """Hold the session's order: a late commit reads the session's last message and
-        appends after it only if it is the run's own, so the session's next prompt must
-        not be written in between (found by the two-gateway schedules). Another process
-        cannot write one meanwhile, as a run whose end is unsaved keeps its session here;
-        left open: a dead process's run closed by another, whose session is free once its
-        holder is dead (closing it in the store's own transaction would close that)."""
-        lock = self._order.setdefault(session_key, trio.Lock())
-        try:
-            try:
-                lock.acquire_nowait()  # the usual case: no scheduler pass before the write
-            except trio.WouldBlock:
-                await lock.acquire()
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                if self._order.get(session_key) is lock:
-                    del self._order[session_key]
 
     def _emit_terminal(self, run: Run, kind: type[TerminalEvent], **fields: Any) -> None:
         if run._terminal is not None:
@@ -1005,6 +1002,25 @@ class _Commit:
     terminal: type[TerminalEvent]
     fields: dict[str, Any]
     abort_at: float | None = None
+
+
+@asynccontextmanager
+async def _one_at_a_time(locks: dict[str, trio.Lock], key: str) -> AsyncIterator[None]:
+    """Hold ``key``'s lock in ``locks``: made on first use, dropped once free, and taken
+    with no scheduler pass when free (the usual case, on every run's way)."""
+    lock = locks.setdefault(key, trio.Lock())
+    try:
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        if not lock.locked() and not lock.statistics().tasks_waiting and locks.get(key) is lock:
+            del locks[key]
 
 
 SET_ASIDE = (

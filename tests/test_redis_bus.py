@@ -16,6 +16,7 @@ import trio
 from adapters.redis_bus import RedisAbortBus, RedisBusError
 from runtime import (
     MemoryStore,
+    Run,
     RunCancelled,
     RunExists,
     RunRecord,
@@ -628,3 +629,58 @@ async def test_a_process_publishes_only_what_another_process_relays(redis: Redis
                     await run.wait()
                     assert heard and all('"r2"' in m["data"] for m in heard)
                 nursery.cancel_scope.cancel()
+
+
+async def test_a_send_refused_under_reject_never_answers_a_resend_in_flight(
+    redis: Redis,
+) -> None:
+    """Found by the long two-gateway schedules: two sends for one session on B under
+    `reject`, x and y; x passed the check and claimed its id, y was admitted meanwhile, and
+    x was then refused. While x's id was claimed, its resend to A was answered
+    `in_flight`, for a run that never ran: the message was lost. A session's admissions
+    now go one at a time, so a refused send never claims its id."""
+    store = MemoryStore()
+    resent = trio.Event()
+
+    class LateLookup:  # x's lookup, after the claim, waits for A's resend (at most 1 s)
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def get_run(self, run_id: str) -> RunRecord | None:
+            if run_id == "x":
+                with trio.move_on_after(1):
+                    await resent.wait()
+            return await store.get_run(run_id)
+
+    results: dict[str, Any] = {}
+
+    async def send(rt: Runtime, run_id: str, name: str) -> None:
+        try:
+            results[name] = await rt.start_run("s", "q", run_id, concurrency="reject")
+        except (SessionBusy, RunExists) as exc:
+            results[name] = exc
+
+    with trio.fail_after(30):
+        async with (
+            runtime(store, redis) as a,
+            Runtime(
+                model=slow_model(), store=LateLookup(), abort_bus=RedisAbortBus(redis.url)
+            ) as b,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(send, b, "x", "x")
+            while not await redis_has(b.abort_bus, "owner:x"):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            nursery.start_soon(send, b, "y", "y")
+            with trio.move_on_after(0.3):  # y is admitted meanwhile, or waits for x
+                while "y" not in results:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            await send(a, "x", "x resent")  # while x's id is claimed
+            resent.set()
+            while not {"x", "y"} <= results.keys():  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            assert isinstance(results["x resent"], RunExists) and results["x resent"].live
+            assert isinstance(results["x"], Run), results  # so the in_flight was true
+            assert isinstance(results["y"], SessionBusy)
+            b.abort(session_key="s")
+            await results["x"].wait()
