@@ -86,9 +86,20 @@ class SQLiteStore:
         connection = sqlite3.connect(
             self.path, timeout=self.busy_timeout, check_same_thread=False, isolation_level=None
         )
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
         try:
+            # Switching a new file to WAL can answer "locked" at once, without waiting
+            # for busy_timeout, while another connection opens it (seen in CI, stores
+            # opening together): retried here, within busy_timeout.
+            give_up = time.monotonic() + self.busy_timeout
+            while True:
+                try:
+                    connection.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > give_up:
+                        raise
+                    time.sleep(0.01)  # a worker thread
+            connection.execute("PRAGMA synchronous=NORMAL")
             _migrate(connection, f"The SQLite database {self.path}")
         except BaseException:
             connection.close()
