@@ -354,13 +354,13 @@ class Runtime:
             async with _one_at_a_time(self._admissions, session_key):  # see _admissions
                 settings = await self._admit(session_key, run_id, concurrency)
                 # From here to the end: no await, so admission and registration are atomic.
+                # (A session `reject` refuses was refused in _admit: no admission fills it
+                # meanwhile.)
+                if self._closing:  # shutdown began while this admission awaited the store
+                    self.abort_bus.released(run_id)
+                    raise RuntimeClosing()
                 chain = self._sessions.get(session_key, [])
                 policy = concurrency or settings.concurrency
-                if self._closing or (chain and policy == "reject"):
-                    self.abort_bus.released(run_id)
-                    if self._closing:  # shutdown began while this admission awaited the store
-                        raise RuntimeClosing()
-                    raise SessionBusy(session_key, chain[0].run_id)
                 run = Run(
                     run_id,
                     session_key,
