@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,6 +15,7 @@ import trio
 
 from adapters.redis_bus import RedisAbortBus, RedisBusError
 from runtime import (
+    AbortResult,
     MemoryStore,
     Run,
     RunCancelled,
@@ -24,6 +25,7 @@ from runtime import (
     ScriptedModel,
     SessionBusy,
     SessionElsewhere,
+    Store,
     TextDelta,
     text_turn,
     validate_history,
@@ -46,7 +48,7 @@ def slow_model() -> ScriptedModel:
 
 
 @asynccontextmanager
-async def runtime(store: MemoryStore, redis: Redis, **bus: float) -> AsyncIterator[Runtime]:
+async def runtime(store: Store, redis: Redis, **bus: float) -> AsyncIterator[Runtime]:
     async with Runtime(
         model=slow_model(), store=store, abort_bus=RedisAbortBus(redis.url, **bus)
     ) as rt:
@@ -124,6 +126,29 @@ class SlowClaim:
         return claimed
 
 
+async def aborts_while_claimed(
+    bus: SlowClaim, start: Callable[[], Awaitable[None]], aborter: Runtime, count: int
+) -> list[AbortResult]:
+    """``start`` claims r1 through ``bus``, held at its gate; once the claim is set,
+    ``count`` aborts of r1 sent by ``aborter`` reach its owner and wait there for the
+    claim's outcome; then the gate opens. Their results."""
+    results: list[AbortResult] = []
+
+    async def abort() -> None:
+        results.append(await aborter.abort_anywhere("r1", "s"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(start)
+        while not await redis_has(bus.inner, "owner:r1"):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        for _ in range(count):
+            nursery.start_soon(abort)
+        await trio.sleep(0.3)  # they reach the owner, and wait there for the claim
+        assert results == []
+        bus.gate.set()
+    return results
+
+
 async def test_an_abort_while_the_run_is_being_claimed_still_wins(redis: Redis) -> None:
     """The abort reads the owner after the claim set it, and reaches the owner before
     its start_run registered the run: it is answered once the claim is decided, and the
@@ -136,23 +161,12 @@ async def test_an_abort_while_the_run_is_being_claimed_still_wins(redis: Redis) 
             Runtime(model=slow_model(), store=store, abort_bus=bus) as a,
             runtime(store, redis) as b,
         ):
-            runs, results = [], []
+            runs = []
 
             async def start() -> None:
                 runs.append(await a.start_run("s", "q", "r1"))
 
-            async def abort() -> None:
-                results.append(await b.abort_anywhere("r1", "s"))
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(start)
-                while not await redis_has(bus.inner, "owner:r1"):  # noqa: ASYNC110
-                    await trio.sleep(0.01)
-                nursery.start_soon(abort)
-                nursery.start_soon(abort)
-                await trio.sleep(0.3)  # both reach A, and wait there for the claim
-                assert results == []
-                bus.gate.set()
+            results = await aborts_while_claimed(bus, start, b, 2)
             assert sorted(r.aborted for r in results) == [False, True]
             assert isinstance(await runs[0].wait(), RunCancelled)
             assert runs[0].text == ""
@@ -175,22 +189,12 @@ async def test_an_abort_while_an_id_that_ran_is_claimed_says_false(redis: Redis)
             while await redis_has(bus.inner, "owner:r1"):  # noqa: ASYNC110
                 await trio.sleep(0.01)
             bus.gate = trio.Event()
-            results = []
 
             async def resend() -> None:
                 with pytest.raises(RunExists):
                     await a.start_run("s", "q", "r1")
 
-            async def abort() -> None:
-                results.append(await b.abort_anywhere("r1", "s"))
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(resend)
-                while not await redis_has(bus.inner, "owner:r1"):  # noqa: ASYNC110
-                    await trio.sleep(0.01)
-                nursery.start_soon(abort)
-                await trio.sleep(0.3)
-                bus.gate.set()
+            results = await aborts_while_claimed(bus, resend, b, 1)
             assert [r.aborted for r in results] == [False]
             assert (await store.get_run("r1")).status == "finished"
 
@@ -568,9 +572,7 @@ async def test_an_id_another_process_ran_meanwhile_is_not_started_again(redis: R
     with trio.fail_after(30):
         async with (
             runtime(store, redis) as a,
-            Runtime(
-                model=slow_model(), store=LateLookup(), abort_bus=RedisAbortBus(redis.url)
-            ) as b,
+            runtime(LateLookup(), redis) as b,
         ):
             run = await a.start_run("s", "q", "r1")
             a.abort("r1")  # before it began: no record of it until its end is written
@@ -663,9 +665,7 @@ async def test_a_send_refused_under_reject_never_answers_a_resend_in_flight(
     with trio.fail_after(30):
         async with (
             runtime(store, redis) as a,
-            Runtime(
-                model=slow_model(), store=LateLookup(), abort_bus=RedisAbortBus(redis.url)
-            ) as b,
+            runtime(LateLookup(), redis) as b,
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(send, b, "x", "x")
