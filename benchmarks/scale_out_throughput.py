@@ -332,10 +332,10 @@ class Result:
     committed: Summary | None = None  # each stop's abort to its commit's end, in the gateway
 
 
-async def stops(setup: Setup, trials: int, name: str) -> tuple[Summary, Summary]:
-    """Stop latency under the setup's load: measuring clients, one per gateway, each
-    subscribed to a session of its own; the trials dealt to the gateways in turn. With
-    each stop's part inside the gateway, from its abort to its commit's end."""
+async def stops(setup: Setup, result: Result, trials: int, name: str) -> Result:
+    """``result`` with the stop latency under the setup's load: measuring clients, one
+    per gateway, each subscribed to a session of its own; the trials dealt to the gateways
+    in turn. With each stop's part inside the gateway, from its abort to its commit's end."""
     message = PROVIDERS["streaming"]
     async with contextlib.AsyncExitStack() as stack:
         clients: list[Client] = []
@@ -348,7 +348,11 @@ async def stops(setup: Setup, trials: int, name: str) -> tuple[Summary, Summary]
         samples = [
             await trial(clients[i % len(clients)], f"{name}-{i}", message) for i in range(trials)
         ]
-    return Summary.of([s[0] for s in samples]), Summary.of([s[2] for s in samples])
+    return attrs.evolve(
+        result,
+        stop=Summary.of([s[0] for s in samples]),
+        committed=Summary.of([s[2] for s in samples]),
+    )
 
 
 async def step(setup: Setup, sessions: int, plan: Plan, label: str) -> Result:
@@ -389,13 +393,11 @@ async def measure(plan: Plan) -> tuple[list[Result], int, bool]:
         load = sessions
         async with fresh(1) as setup:
             half = await step(setup, load // 2, plan, "1 gateway at L/2")
-            stop, committed = await stops(setup, plan.trials, "g1")
-            results.append(attrs.evolve(half, stop=stop, committed=committed))
+            results.append(await stops(setup, half, plan.trials, "g1"))
         async with fresh(2) as setup:
             results.append(await step(setup, load // 2, plan, "2 gateways at L/2"))
             full = await step(setup, load, plan, "2 gateways at L")
-            stop, committed = await stops(setup, plan.trials, "g2")
-            results.append(attrs.evolve(full, stop=stop, committed=committed))
+            results.append(await stops(setup, full, plan.trials, "g2"))
         for result in (r for r in results if r.stop is not None):
             assert result.stop is not None
             print(f"  {result.label}: stop p99 {ms(result.stop.p99)} ms", flush=True)
